@@ -1,0 +1,72 @@
+"""ServerRecord: "peer P serves blocks [start, end) of model M", with its wire form.
+
+Stored under one DHT key per block (`block_key(model, i)`), subkey = the owner's signed marker,
+so each peer can only write its own entry. The DHT only ever sees `to_wire()`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SPAN_SUBKEY_TAG = b"swarmlm.span:"  # prefix of every subkey holding a ServerRecord
+MAX_DHT_TIME_DISCREPANCY_SECONDS = 3.0
+
+
+class ServerState(enum.IntEnum):
+    OFFLINE = 0  # announced on graceful shutdown, until the record expires
+    JOINING = 1  # loading weights
+    ONLINE = 2  # serving requests
+
+
+class ServerRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    peer_id: str = Field(min_length=1, max_length=128)  # base58 libp2p peer id that serves the span
+    state: ServerState
+    start: int = Field(ge=0)  # first block served (inclusive)
+    end: int = Field(ge=1)  # last block served (exclusive)
+    throughput: float = Field(ge=0)  # tokens/s one block processes in single-token inference steps
+    free_cache_tokens: int = Field(ge=0)  # KV-cache tokens not reserved by sessions
+    max_cache_tokens: int = Field(ge=0)  # the peer's whole KV-cache budget in tokens
+    version: str = Field(max_length=32)  # swarmlm version of the peer
+    torch_dtype: str = Field(max_length=16)  # dtype the blocks compute in
+    public_name: Optional[str] = Field(default=None, max_length=64)  # optional human-readable name
+
+    @model_validator(mode="after")
+    def _span_not_empty(self) -> "ServerRecord":
+        if self.end <= self.start:
+            raise ValueError(f"empty span {self.start}:{self.end}")
+        return self
+
+    def to_wire(self) -> tuple:
+        return (self.peer_id, int(self.state), self.start, self.end, self.throughput, self.free_cache_tokens,
+                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name)
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> "ServerRecord":
+        """Parses a wire tuple; raises ValueError on anything malformed."""
+        if not isinstance(wire, (list, tuple)) or len(wire) != 10:
+            raise ValueError(f"a ServerRecord is a 10-tuple, got {type(wire).__name__}")
+        names = list(cls.model_fields)
+        values = dict(zip(names, wire))
+        if isinstance(values["state"], int) and not isinstance(values["state"], bool):
+            try:
+                values["state"] = ServerState(values["state"])
+            except ValueError as e:
+                raise ValueError(str(e)) from None
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise ValueError(str(e)) from None
+
+
+def block_key(model: str, block: int) -> str:
+    return f"{model}.{block}"
+
+
+def record_expiration(update_period: float) -> float:
+    """How long an announcement lives: two update periods (at least the DHT clock tolerance)."""
+    return max(2 * update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)

@@ -1,0 +1,57 @@
+"""The exception hierarchy of swarmlm, drawn once.
+
+SwarmError
+├── ModelNotFoundError       a model name/path that resolves to nothing on this machine
+├── UnsupportedModelError    a model family without an adapter
+├── RequestError             a peer refused a request as invalid (bad shapes, dtypes, blocks...)
+│   └── CacheBudgetError     a peer has no room for the session's KV cache ("busy")
+├── MissingBlocksError       no peer in the swarm serves some blocks the client needs
+└── RemotePeerError          a call to a peer failed (network, peer died, remote error)
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base class of all errors raised by swarmlm."""
+
+
+class ModelNotFoundError(SwarmError):
+    pass
+
+
+class UnsupportedModelError(SwarmError):
+    pass
+
+
+class RequestError(SwarmError):
+    """Raised by a peer when a request is invalid; the message is sent back to the caller."""
+
+    code = "bad_request"
+
+
+class CacheBudgetError(RequestError):
+    """Raised by a peer that cannot reserve KV-cache tokens for a new session."""
+
+    code = "busy"
+
+
+class MissingBlocksError(SwarmError):
+    def __init__(self, model: str, missing: list[tuple[int, int]], hint: str = ""):
+        self.model, self.missing = model, missing
+        spans = ", ".join(f"{a}:{b}" for a, b in missing)
+        message = f"no peer serves blocks {spans} of model {model}"
+        first_start, first_end = missing[0]
+        message += (
+            f"; start one with: swarmlm peer --model {hint or model} --blocks {first_start}:{first_end} "
+            f"--initial-peers <MADDR>"
+        )
+        super().__init__(message)
+
+
+class RemotePeerError(SwarmError):
+    """A call to a remote peer failed. `code` is the peer's error code when it answered with one."""
+
+    def __init__(self, peer: str, message: str, code: str | None = None):
+        self.peer, self.code = peer, code
+        super().__init__(f"peer {peer}: {message}")

@@ -1,0 +1,137 @@
+"""What crosses the network between clients and peers: message metadata, tensors, errors.
+
+Every message is a hivemind `runtime_pb2.ExpertRequest` / `ExpertResponse`: tensors serialized with
+hivemind.compression, metadata as msgpack of a frozen strict pydantic model. Peers parse remote
+data with the `parse_*` functions below, which raise `RequestError` with a clear message (never
+`assert`). Errors travel back as "[code] message" so the client can tell "busy" from "bad request".
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.proto.runtime_pb2 import CompressionType
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from swarmlm.errors import CacheBudgetError, RemotePeerError, RequestError
+
+PROTOCOL_VERSION = 1
+MAX_METADATA_BYTES = 64 * 1024
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SpanRequest(_Wire):
+    """Metadata of a forward/backward call and of the first message of an inference session."""
+
+    model: str = Field(max_length=256)  # DHT prefix of the model
+    start: int = Field(ge=0)  # first block (inclusive)
+    end: int = Field(ge=1)  # last block (exclusive)
+    max_length: Optional[int] = Field(default=None, ge=1)  # inference only: tokens to reserve per sequence
+    batch_size: Optional[int] = Field(default=None, ge=1)  # inference only: sequences in the session
+    version: int = PROTOCOL_VERSION
+
+
+class InferenceStep(_Wire):
+    """Metadata of every inference message: where in the sequence its tokens start."""
+
+    position: int = Field(ge=0)  # tokens the peer must already hold for this session before this step
+
+
+class StepResult(_Wire):
+    position: int = Field(ge=0)  # tokens the peer holds after this step
+
+
+def pack(meta: _Wire) -> bytes:
+    return msgpack.packb(meta.model_dump(mode="python"), use_bin_type=True)
+
+
+def unpack(data: bytes, kind: type[_Wire]) -> _Wire:
+    if len(data) > MAX_METADATA_BYTES:
+        raise RequestError(f"metadata of {len(data)} bytes exceeds the limit of {MAX_METADATA_BYTES}")
+    try:
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise RequestError(f"metadata is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(fields, dict):
+        raise RequestError(f"metadata must be a map, got {type(fields).__name__}")
+    try:
+        return kind.model_validate(fields)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'metadata'}: {err['msg']}" for err in e.errors())
+        raise RequestError(f"invalid {kind.__name__}: {problems}") from None
+
+
+def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(tensor.detach().cpu(), CompressionType.NONE)
+
+
+def serialize_all(tensors: Sequence[torch.Tensor]) -> list[runtime_pb2.Tensor]:
+    return [serialize(t) for t in tensors]
+
+
+_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
+
+
+def deserialize_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str) -> torch.Tensor:
+    """Deserializes a remote tensor after checking its declared size, dtype and buffer length."""
+    numel = 1
+    for dim in proto.size:
+        numel *= dim
+    if numel > max_elements:
+        raise RequestError(f"{what}: {numel} elements exceed the limit of {max_elements}")
+    if proto.compression != CompressionType.NONE or proto.dtype not in _DTYPE_SIZES:
+        raise RequestError(f"{what}: unsupported dtype/compression {proto.dtype!r}/{proto.compression}")
+    if len(proto.buffer) != numel * _DTYPE_SIZES[proto.dtype]:
+        raise RequestError(f"{what}: buffer of {len(proto.buffer)} bytes does not match shape {list(proto.size)}")
+    try:
+        return deserialize_torch_tensor(proto)
+    except Exception as e:
+        raise RequestError(f"{what}: cannot deserialize ({type(e).__name__}: {e})") from None
+
+
+class ErrorInfo(_Wire):
+    """An error answered in-band instead of a result."""
+
+    error: str = Field(max_length=4096)
+    code: str = Field(max_length=32)  # "bad_request", "busy" or "internal"
+
+
+def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
+    """The response a peer sends for a failed request (RequestError -> its code, others -> "internal")."""
+    code = error.code if isinstance(error, RequestError) else "internal"
+    message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+    return runtime_pb2.ExpertResponse(metadata=pack(ErrorInfo(error=message[:4096], code=code)))
+
+
+def check_response(peer: str, response: runtime_pb2.ExpertResponse) -> runtime_pb2.ExpertResponse:
+    """Raises RemotePeerError if `response` carries an error; returns it otherwise."""
+    if response.metadata and not response.tensors:
+        try:
+            fields = msgpack.unpackb(response.metadata, raw=False)
+        except Exception:
+            fields = None
+        if isinstance(fields, dict) and "error" in fields:
+            raise RemotePeerError(peer, str(fields.get("error")), str(fields.get("code")))
+    return response
+
+
+__all__ = [
+    "CacheBudgetError",
+    "InferenceStep",
+    "SpanRequest",
+    "StepResult",
+    "deserialize_bounded",
+    "check_response",
+    "error_response",
+    "pack",
+    "serialize",
+    "serialize_all",
+    "unpack",
+]

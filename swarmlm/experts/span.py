@@ -1,0 +1,70 @@
+"""BlockSpan: blocks [start, end) of a decoder-only model, run with transformers' own layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from swarmlm.experts.cache import SpanCache
+
+from swarmlm.experts.families import MASK_FUNCTIONS, ModelFamily
+
+
+class BlockSpan(nn.Module):
+    """A contiguous span of decoder layers with the model's rotary embedding.
+
+    forward() is the same computation as the local model's layer loop: masks come from
+    transformers.masking_utils, positions from the caller, the KV cache is a DynamicCache
+    covering the span's layers (indexed from 0).
+    """
+
+    def __init__(self, family: ModelFamily, config: PretrainedConfig, start: int, end: int):
+        super().__init__()
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(f"invalid block span {start}:{end} for a model of {config.num_hidden_layers} blocks")
+        self.family, self.start, self.end = family, start, end
+        self.config = family.span_config(config, start, end)
+        self.layer_types = family.layer_types(config)[start:end]
+        self.layers = nn.ModuleList(family.make_layers(self.config))
+        self.rotary_emb = family.make_rotary(self.config)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def new_cache(self, first: int = 0, last: int | None = None) -> SpanCache:
+        """A KV cache for layers [first, last) of this span (indices relative to the span)."""
+        last = self.num_blocks if last is None else last
+        return SpanCache(self.family.span_config(self.config, first, last), offset=first)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [batch, seq, hidden]
+        position_ids: torch.Tensor,  # [batch, seq], int64
+        attention_mask: torch.Tensor | None = None,  # [batch, cached + seq], 1 = attend; None = all ones
+        cache: SpanCache | None = None,
+        first: int = 0,  # run layers [first, last) of the span (relative indices)
+        last: int | None = None,
+    ) -> torch.Tensor:  # [batch, seq, hidden]
+        last = self.num_blocks if last is None else last
+        mask_args = dict(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
+        layer_types = self.layer_types[first:last]
+        masks = {kind: MASK_FUNCTIONS[kind](**mask_args) for kind in set(layer_types)}
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer, kind in zip(self.layers[first:last], layer_types):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[kind],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return hidden_states

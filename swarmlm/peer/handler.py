@@ -1,0 +1,271 @@
+"""RPC handlers of a peer: forward, backward and streaming inference over hivemind P2P.
+
+Client side: `swarmlm.client.rpc` (call_forward, call_backward, InferenceStream). Every message is
+parsed and bounded before use (`_Limits`), every step runs under a timeout, and every failure is
+answered in-band as an error message; the peer keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from swarmlm.errors import RequestError
+from swarmlm.experts.protocol import (
+    InferenceStep,
+    SpanRequest,
+    StepResult,
+    deserialize_bounded,
+    error_response,
+    pack,
+    serialize,
+    unpack,
+)
+from swarmlm.experts.span import BlockSpan
+from swarmlm.peer.cache_budget import CacheBudget
+
+logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Limits:
+    hidden_size: int
+    max_batch_size: int
+    max_request_tokens: int
+    max_session_length: int
+    request_timeout: float
+    session_timeout: float
+
+
+class SpanHandler(ServicerBase):
+    """Serves blocks [span.start, span.end) of `model`; requests may use any sub-span of it."""
+
+    def __init__(self, span: BlockSpan, model: str, limits: Limits, budget: CacheBudget, dtype: torch.dtype,
+                 device: torch.device):
+        self.span, self.model, self.limits, self.budget = span, model, limits, budget
+        self.dtype, self.device = dtype, device
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-compute")
+        self.accepting_sessions = True
+        self.active_sessions = 0
+
+    # ---- validation of remote input -------------------------------------------------------------
+
+    def _check_span(self, request: SpanRequest) -> tuple[int, int]:
+        """Returns the requested blocks relative to this peer's span."""
+        if request.model != self.model:
+            raise RequestError(f"this peer serves model {self.model!r}, not {request.model!r}")
+        if not self.span.start <= request.start < request.end <= self.span.end:
+            raise RequestError(
+                f"blocks {request.start}:{request.end} of {self.model} are not served here "
+                f"(this peer serves {self.span.start}:{self.span.end})"
+            )
+        return request.start - self.span.start, request.end - self.span.start
+
+    def _tensor(self, proto: runtime_pb2.Tensor, what: str, max_elements: int) -> torch.Tensor:
+        return deserialize_bounded(proto, max_elements, what)
+
+    def _parse_inputs(self, tensors, expect_grad: bool = False, mask_offset: int = 0):
+        """Parses [hidden, (grad,) position_ids, (attention_mask)] into validated tensors."""
+        limits = self.limits
+        n_required = 3 if expect_grad else 2
+        if not n_required <= len(tensors) <= n_required + 1:
+            raise RequestError(f"expected {n_required} or {n_required + 1} tensors, got {len(tensors)}")
+        max_elems = limits.max_request_tokens * limits.hidden_size
+        hidden = self._tensor(tensors[0], "hidden_states", max_elems)
+        if hidden.ndim != 3 or hidden.shape[-1] != limits.hidden_size:
+            raise RequestError(f"hidden_states must be [batch, seq, {limits.hidden_size}], got {list(hidden.shape)}")
+        batch, seq = hidden.shape[:2]
+        if batch < 1 or seq < 1 or batch > limits.max_batch_size or batch * seq > limits.max_request_tokens:
+            raise RequestError(
+                f"hidden_states shape {list(hidden.shape)} is outside limits (batch <= {limits.max_batch_size}, "
+                f"batch x seq <= {limits.max_request_tokens}, both >= 1)"
+            )
+        if hidden.dtype not in FLOAT_DTYPES or not torch.isfinite(hidden).all():
+            raise RequestError(f"hidden_states must be finite float32/float16/bfloat16, got {hidden.dtype}")
+        grad = None
+        if expect_grad:
+            grad = self._tensor(tensors[1], "grad_outputs", max_elems)
+            if grad.shape != hidden.shape or grad.dtype not in FLOAT_DTYPES:
+                raise RequestError(f"grad_outputs must match hidden_states {list(hidden.shape)}, got {list(grad.shape)}")
+        position_ids = self._tensor(tensors[n_required - 1], "position_ids", batch * seq)
+        if position_ids.shape != (batch, seq) or position_ids.dtype not in (torch.int64, torch.int32):
+            raise RequestError(f"position_ids must be int64 [{batch}, {seq}], got {position_ids.dtype} {list(position_ids.shape)}")
+        if position_ids.min() < 0 or position_ids.max() >= limits.max_session_length:
+            raise RequestError(f"position_ids must lie in [0, {limits.max_session_length})")
+        mask = None
+        if len(tensors) == n_required + 1:
+            mask = self._tensor(tensors[-1], "attention_mask", batch * (mask_offset + seq))
+            if mask.shape != (batch, mask_offset + seq):
+                raise RequestError(f"attention_mask must be [{batch}, {mask_offset + seq}], got {list(mask.shape)}")
+            if mask.dtype not in (torch.bool, torch.int64, torch.int32, torch.uint8, torch.int8) or (
+                (mask != 0) & (mask != 1)
+            ).any():
+                raise RequestError("attention_mask must hold only 0 and 1")
+            mask = mask.to(torch.bool)
+        hidden = hidden.to(self.device, self.dtype)
+        grad = grad.to(self.device, self.dtype) if grad is not None else None
+        return hidden, grad, position_ids.to(self.device, torch.int64), mask
+
+    async def _run(self, fn, *args):
+        """Runs `fn` on the compute thread under the request timeout."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self.compute, fn, *args), self.limits.request_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(f"the step took longer than the peer's timeout of {self.limits.request_timeout} s") from None
+
+    # ---- forward / backward (stateless) ------------------------------------------------------------
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            request = await _first(requests, self.limits.request_timeout)
+            first, last = self._check_span(unpack(request.metadata, SpanRequest))
+            hidden, _, position_ids, mask = self._parse_inputs(request.tensors)
+            output = await self._run(self._forward, hidden, position_ids, mask, first, last)
+            yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
+        except Exception as e:
+            yield self._error(e, "forward", context)
+
+    def _forward(self, hidden, position_ids, mask, first, last):
+        with torch.inference_mode():
+            return self.span(hidden, position_ids, mask, first=first, last=last).float()
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            request = await _first(requests, self.limits.request_timeout)
+            first, last = self._check_span(unpack(request.metadata, SpanRequest))
+            hidden, grad, position_ids, mask = self._parse_inputs(request.tensors, expect_grad=True)
+            grad_input = await self._run(self._backward, hidden, grad, position_ids, mask, first, last)
+            yield runtime_pb2.ExpertResponse(tensors=[serialize(grad_input)])
+        except Exception as e:
+            yield self._error(e, "backward", context)
+
+    def _backward(self, hidden, grad, position_ids, mask, first, last):
+        with torch.enable_grad():
+            hidden = hidden.detach().requires_grad_(True)
+            output = self.span(hidden, position_ids, mask, first=first, last=last)
+            (grad_input,) = torch.autograd.grad(output, hidden, grad)
+        return grad_input.float()
+
+    # ---- inference sessions (server-side KV cache) -------------------------------------------------
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A session: first message = SpanRequest (max_length, batch_size); then one message per step.
+
+        Each step carries [hidden, position_ids, (attention_mask for the new tokens)] and
+        InferenceStep(position); `position` may be below the cached length to rewind the session.
+        """
+        reservation = None
+        try:
+            open_request = unpack((await _first(requests, self.limits.session_timeout)).metadata, SpanRequest)
+            first, last = self._check_span(open_request)
+            max_length, batch = open_request.max_length, open_request.batch_size
+            if max_length is None or batch is None:
+                raise RequestError("an inference session needs max_length and batch_size")
+            if max_length > self.limits.max_session_length or batch > self.limits.max_batch_size:
+                raise RequestError(
+                    f"session of batch {batch} x max_length {max_length} exceeds this peer's limits "
+                    f"(batch <= {self.limits.max_batch_size}, max_length <= {self.limits.max_session_length})"
+                )
+            if not self.accepting_sessions:
+                raise RequestError("this peer is shutting down and takes no new sessions")
+            reservation = self.budget.reserve(batch * max_length)
+            self.active_sessions += 1
+            yield runtime_pb2.ExpertResponse(metadata=pack(StepResult(position=0)))
+            session = _Session(cache=self.span.new_cache(first, last), first=first, last=last, batch=batch,
+                               max_length=max_length)
+            iterator = requests.__aiter__()
+            while True:
+                try:
+                    message = await asyncio.wait_for(iterator.__anext__(), self.limits.session_timeout)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise RequestError(f"session closed after {self.limits.session_timeout} s without a step") from None
+                step = unpack(message.metadata, InferenceStep)
+                yield await self._inference_step(session, step, message.tensors)
+        except Exception as e:
+            yield self._error(e, "inference", context)
+        finally:
+            if reservation is not None:
+                reservation.release()
+                self.active_sessions -= 1
+
+    async def _inference_step(self, session: "_Session", step: InferenceStep, tensors) -> runtime_pb2.ExpertResponse:
+        if step.position > session.length:
+            raise RequestError(f"step starts at position {step.position} but the session holds {session.length} tokens")
+        hidden, _, position_ids, mask = self._parse_inputs(tensors)
+        if hidden.shape[0] != session.batch:
+            raise RequestError(f"session batch is {session.batch}, step has batch {hidden.shape[0]}")
+        if step.position + hidden.shape[1] > session.max_length:
+            raise RequestError(
+                f"step would grow the session to {step.position + hidden.shape[1]} tokens, beyond its max_length {session.max_length}"
+            )
+        output = await self._run(self._step, session, step.position, hidden, position_ids, mask)
+        return runtime_pb2.ExpertResponse(tensors=[serialize(output)], metadata=pack(StepResult(position=session.length)))
+
+    def _step(self, session: "_Session", position: int, hidden, position_ids, new_mask):
+        with torch.inference_mode():
+            if position < session.length:
+                session.cache.crop(position)
+                session.mask = session.mask[:, :position] if session.mask is not None else None
+            seq = hidden.shape[1]
+            if new_mask is not None or session.mask is not None:
+                old = session.mask if session.mask is not None else torch.ones(session.batch, position, dtype=torch.bool)
+                new = new_mask if new_mask is not None else torch.ones(session.batch, seq, dtype=torch.bool)
+                session.mask = torch.cat([old, new], dim=1)
+            output = self.span(hidden, position_ids, session.mask, session.cache, first=session.first, last=session.last)
+            session.length = position + seq
+            return output.float()
+
+    # ---- errors ------------------------------------------------------------------------------------
+
+    def _error(self, error: Exception, kind: str, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        if isinstance(error, RequestError):
+            logger.info(f"Refused {kind} request from {context.remote_id}: {error}")
+        else:
+            logger.warning(f"{kind} request from {context.remote_id} failed", exc_info=error)
+        return error_response(error)
+
+    def shutdown(self) -> None:
+        self.compute.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Session:
+    cache: object
+    first: int
+    last: int
+    batch: int
+    max_length: int
+    length: int = 0
+    mask: Optional[torch.Tensor] = None  # [batch, length] bool, None while all ones
+    opened_at: float = 0.0
+
+    def __post_init__(self):
+        self.opened_at = time.monotonic()
+
+
+async def _first(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout: float) -> runtime_pb2.ExpertRequest:
+    try:
+        return await asyncio.wait_for(requests.__anext__(), timeout)
+    except StopAsyncIteration:
+        raise RequestError("the request stream ended before the first message") from None
+    except asyncio.TimeoutError:
+        raise RequestError(f"no request within {timeout} s") from None
