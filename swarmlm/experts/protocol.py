@@ -8,11 +8,12 @@ data with the `parse_*` functions below, which raise `RequestError` with a clear
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import AsyncIterator, Optional, Sequence
 
 import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -48,6 +49,40 @@ class StepResult(_Wire):
     position: int = Field(ge=0)  # tokens the peer holds after this step
 
 
+class SpanService(ServicerBase):
+    """The RPC interface of a peer; `swarmlm.peer.handler.SpanHandler` implements it.
+
+    Clients get a stub with `SpanService.get_stub(p2p, peer_id)`; handle names are fixed here so
+    that the implementation class and the stub agree.
+    """
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        name = f"swarmlm.SpanService.{method_name}"
+        return f"{namespace}::{name}" if namespace is not None else name
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """[hidden, position_ids, (attention_mask)] + SpanRequest -> [hidden]"""
+        raise NotImplementedError
+        yield
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """[hidden, grad_outputs, position_ids, (attention_mask)] + SpanRequest -> [grad_hidden]"""
+        raise NotImplementedError
+        yield
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """SpanRequest(max_length, batch_size), then per step [hidden, position_ids, (mask)] + InferenceStep"""
+        raise NotImplementedError
+        yield
+
+
 def pack(meta: _Wire) -> bytes:
     return msgpack.packb(meta.model_dump(mode="python"), use_bin_type=True)
 
@@ -77,6 +112,10 @@ def serialize_all(tensors: Sequence[torch.Tensor]) -> list[runtime_pb2.Tensor]:
 
 
 _DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
+
+
+def deserialize_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    return deserialize_torch_tensor(proto)
 
 
 def deserialize_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str) -> torch.Tensor:

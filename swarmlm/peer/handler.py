@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from swarmlm.errors import RequestError
 from swarmlm.experts.protocol import (
     InferenceStep,
     SpanRequest,
+    SpanService,
     StepResult,
     deserialize_bounded,
     error_response,
@@ -47,7 +48,7 @@ class Limits:
     session_timeout: float
 
 
-class SpanHandler(ServicerBase):
+class SpanHandler(SpanService):
     """Serves blocks [span.start, span.end) of `model`; requests may use any sub-span of it."""
 
     def __init__(self, span: BlockSpan, model: str, limits: Limits, budget: CacheBudget, dtype: torch.dtype,

@@ -19,6 +19,7 @@ from transformers import AutoConfig
 
 from swarmlm import __version__
 from swarmlm.dht.records import ServerRecord, ServerState, record_expiration
+from swarmlm.dht.node import create_dht
 from swarmlm.dht.registry import declare_span, fetch_block_records, make_validators
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
@@ -33,26 +34,6 @@ from swarmlm.utils.aio import LoopThread
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=None, client_mode=False,
-               use_nat_port_map=False, use_relay=True, startup_timeout=60.0, validators=None) -> hivemind.DHT:
-    """A hivemind DHT node with swarmlm's record validators."""
-    kwargs = dict(
-        initial_peers=list(initial_peers),
-        host_maddrs=list(host_maddrs),
-        client_mode=client_mode,
-        record_validators=list(validators if validators is not None else make_validators()),
-        nat_port_map=use_nat_port_map,
-        use_relay=use_relay,
-        startup_timeout=startup_timeout,
-        start=True,
-    )
-    if announce_maddrs:
-        kwargs["announce_maddrs"] = list(announce_maddrs)
-    if identity_path:
-        kwargs["identity_path"] = identity_path
-    return hivemind.DHT(**kwargs)
 
 
 class Peer:

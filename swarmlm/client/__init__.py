@@ -1,0 +1,1 @@
+"""The client: local embeddings and LM head, remote blocks, routing and inference sessions."""

@@ -1,0 +1,18 @@
+"""ClientConfig: every setting of the client, one comment each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm members
+    dht_prefix: Optional[str] = None  # the model's name in the DHT (default: resolved model name)
+    request_timeout: float = 30.0  # seconds to wait for one forward/backward call or inference step
+    session_open_timeout: float = 30.0  # seconds to wait for a peer to accept a session
+    max_retries: int = 3  # attempts per call before giving up with an error (fresh route each time)
+    route_refresh_period: float = 10.0  # seconds before cached DHT records are re-read
+    use_nat_port_map: bool = False  # the client never needs a port mapping: it only dials out
+    startup_timeout: float = 60.0  # seconds to wait for the client's p2p daemon to start

@@ -1,0 +1,120 @@
+"""Client side of a peer's RPCs (see swarmlm.experts.protocol.SpanService), run on the client's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarmlm.errors import RemotePeerError
+from swarmlm.experts.protocol import (
+    InferenceStep,
+    SpanRequest,
+    SpanService,
+    check_response,
+    deserialize_tensor,
+    pack,
+    serialize_all,
+)
+
+
+def _stub(p2p: P2P, peer_id: str):
+    return SpanService.get_stub(p2p, PeerID.from_base58(peer_id))
+
+
+def _inputs(hidden, position_ids, attention_mask, grad=None) -> list[torch.Tensor]:
+    tensors = [hidden] + ([grad] if grad is not None else []) + [position_ids]
+    return tensors + ([attention_mask] if attention_mask is not None else [])
+
+
+async def _unary_stream_call(p2p: P2P, peer_id: str, method: str, request: runtime_pb2.ExpertRequest,
+                             timeout: float) -> torch.Tensor:
+    async def call():
+        stream = await getattr(_stub(p2p, peer_id), method)(_single(request))
+        async for response in stream:
+            return deserialize_tensor(check_response(peer_id, response).tensors[0])
+        raise RemotePeerError(peer_id, "closed the stream without an answer")
+
+    try:
+        return await asyncio.wait_for(call(), timeout)
+    except RemotePeerError:
+        raise
+    except asyncio.TimeoutError:
+        raise RemotePeerError(peer_id, f"no answer within {timeout} s") from None
+    except Exception as e:
+        raise RemotePeerError(peer_id, f"{type(e).__name__}: {e}") from e
+
+
+async def call_forward(p2p, peer_id, span: SpanRequest, hidden, position_ids, attention_mask, timeout) -> torch.Tensor:
+    request = runtime_pb2.ExpertRequest(
+        tensors=serialize_all(_inputs(hidden, position_ids, attention_mask)), metadata=pack(span)
+    )
+    return await _unary_stream_call(p2p, peer_id, "rpc_forward", request, timeout)
+
+
+async def call_backward(p2p, peer_id, span: SpanRequest, hidden, grad, position_ids, attention_mask, timeout):
+    request = runtime_pb2.ExpertRequest(
+        tensors=serialize_all(_inputs(hidden, position_ids, attention_mask, grad)), metadata=pack(span)
+    )
+    return await _unary_stream_call(p2p, peer_id, "rpc_backward", request, timeout)
+
+
+async def _single(item):
+    yield item
+
+
+class InferenceStream:
+    """One open inference session with one peer (one hop of a route)."""
+
+    def __init__(self, peer_id: str, span: SpanRequest):
+        self.peer_id, self.span = peer_id, span
+        self._requests: asyncio.Queue = asyncio.Queue()
+        self._responses = None
+        self._opened = False
+
+    async def open(self, p2p: P2P) -> None:
+        """Sends the session request; its answer is read with the first step (no extra round trip)."""
+        self._requests.put_nowait(runtime_pb2.ExpertRequest(metadata=pack(self.span)))
+        try:
+            self._responses = await _stub(p2p, self.peer_id).rpc_inference(self._iterate())
+        except Exception as e:
+            raise RemotePeerError(self.peer_id, f"cannot open a session: {type(e).__name__}: {e}") from e
+
+    async def _iterate(self):
+        while True:
+            item = await self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    async def step(self, position: int, hidden, position_ids, mask_chunk, timeout: float) -> torch.Tensor:
+        request = runtime_pb2.ExpertRequest(
+            tensors=serialize_all(_inputs(hidden, position_ids, mask_chunk)),
+            metadata=pack(InferenceStep(position=position)),
+        )
+        self._requests.put_nowait(request)
+        try:
+            if not self._opened:
+                await asyncio.wait_for(self._next(), timeout)  # the answer to open()
+                self._opened = True
+            response = await asyncio.wait_for(self._next(), timeout)
+        except RemotePeerError:
+            raise
+        except asyncio.TimeoutError:
+            raise RemotePeerError(self.peer_id, f"no answer within {timeout} s") from None
+        except Exception as e:
+            raise RemotePeerError(self.peer_id, f"{type(e).__name__}: {e}") from e
+        return deserialize_tensor(response.tensors[0])
+
+    async def _next(self) -> runtime_pb2.ExpertResponse:
+        try:
+            response = await self._responses.__anext__()
+        except StopAsyncIteration:
+            raise RemotePeerError(self.peer_id, "closed the session") from None
+        return check_response(self.peer_id, response)
+
+    def close(self) -> None:
+        self._requests.put_nowait(None)

@@ -1,0 +1,27 @@
+"""Starting a hivemind DHT node the way every swarmlm process does (validators, loopback hygiene)."""
+
+from __future__ import annotations
+
+import hivemind
+
+from swarmlm.dht.registry import make_validators
+
+
+def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=None, client_mode=False,
+               use_nat_port_map=False, use_relay=True, startup_timeout=60.0, validators=None) -> hivemind.DHT:
+    """A hivemind DHT node with swarmlm's record validators."""
+    kwargs = dict(
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs),
+        client_mode=client_mode,
+        record_validators=list(validators if validators is not None else make_validators()),
+        nat_port_map=use_nat_port_map,
+        use_relay=use_relay,
+        startup_timeout=startup_timeout,
+        start=True,
+    )
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    if identity_path:
+        kwargs["identity_path"] = identity_path
+    return hivemind.DHT(**kwargs)
