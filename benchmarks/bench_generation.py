@@ -1,0 +1,197 @@
+"""Greedy generation speed through a local swarm versus the same model run locally.
+
+For each model size this starts a DHT node and two peers (blocks 0:4 and 4:8) as subprocesses
+on 127.0.0.1, then times `generate(do_sample=False)` at batch 1 through the swarm and through
+`transformers.AutoModelForCausalLM` with the same weights, in the same process. Each side gets
+one warm-up run, then the median of `--repeats` runs is reported as tokens/s (new tokens over the
+wall time of the whole generate() call, prompt prefill included), together with the ratio
+swarm/local and the per-token overhead of the swarm in ms: (1/swarm - 1/local) * 1000. It also
+checks that both produce the same tokens.
+
+Models (Llama, fp32, 8 layers, vocab 32000, deterministic random weights) are written once to
+$SWARMLM_HOME/bench/ and reused:
+    tiny:  hidden 256,  intermediate 688,  8 heads
+    large: hidden 1024, intermediate 2752, 16 heads
+
+Run:
+    python benchmarks/bench_generation.py [--models tiny,large] [--new-tokens 64] [--repeats 3]
+        [--peer-threads 1] [--client-threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from swarmlm import AutoDistributedModelForCausalLM
+from swarmlm.models.embedded import ModelSpec, create_model_dir, swarmlm_home
+
+_COMMON = dict(num_hidden_layers=8, vocab_size=32000, max_position_embeddings=2048, initializer_range=0.02,
+               tie_word_embeddings=False)
+MODELS = {
+    "tiny": dict(_COMMON, hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=8),
+    "large": dict(_COMMON, hidden_size=1024, intermediate_size=2752, num_attention_heads=16, num_key_value_heads=16),
+}
+SPANS = ("0:4", "4:8")
+PROMPT_TOKENS = 16
+STARTUP_TIMEOUT = 600.0  # seconds for a node to print READY (the large peers measure throughput first)
+
+
+@dataclass
+class Result:
+    model: str
+    swarm_tps: float
+    local_tps: float
+    match: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.swarm_tps / self.local_tps
+
+    @property
+    def overhead_ms(self) -> float:
+        return (1 / self.swarm_tps - 1 / self.local_tps) * 1000
+
+
+class Node:
+    """A `python -m swarmlm.cli ...` subprocess; collects the multiaddrs it prints before READY."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "swarmlm.cli", *args, "--log-level", "warning"],
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()  # also keeps draining the pipe
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line.strip())
+        self._lines.put(None)
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> list[str]:
+        maddrs, deadline = [], time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                line = None
+            if line is None:
+                tail = self.log_path.read_text()[-3000:]
+                raise RuntimeError(f"{self.proc.args[2:4]} did not print READY (exit code {self.proc.poll()}):\n{tail}")
+            if line.startswith("READY"):
+                return maddrs
+            if line.startswith("/"):
+                maddrs.append(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def model_dir(name: str) -> Path:
+    path = swarmlm_home() / "bench" / f"bench-llama-{name}"
+    if not (path / "config.json").exists():
+        print(f"[{name}] creating the model at {path} (one time)", flush=True)
+    return create_model_dir(path, ModelSpec("llama", MODELS[name]), max_shard_size="200MB")
+
+
+def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
+    """Median tokens/s over `repeats` greedy runs after one warm-up; also returns the generated ids."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    output = model.generate(input_ids, **kwargs)  # warm-up
+    speeds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        output = model.generate(input_ids, **kwargs)
+        elapsed = time.perf_counter() - start
+        speeds.append((output.shape[1] - input_ids.shape[1]) / elapsed)
+    return statistics.median(speeds), output
+
+
+def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -> Result:
+    path = model_dir(name)
+    input_ids = torch.randint(3, 2048, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    nodes: list[Node] = []
+    swarm = None
+    try:
+        dht = Node(["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], log_dir / f"{name}-dht.log", env)
+        nodes.append(dht)
+        dht_maddrs = dht.wait_ready()
+        for i, span in enumerate(SPANS):  # peers load in parallel
+            nodes.append(Node(["peer", "--model", str(path), "--blocks", span, "--initial-peers", *dht_maddrs,
+                               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--num-threads", str(args.peer_threads)],
+                              log_dir / f"{name}-peer{i}.log", env))
+        for peer in nodes[1:]:
+            peer.wait_ready()
+        print(f"[{name}] swarm ready: dht + peers {', '.join(SPANS)}", flush=True)
+
+        swarm = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=dht_maddrs)
+        swarm_tps, swarm_ids = time_generate(swarm, input_ids, args.new_tokens, args.repeats)
+    finally:
+        if swarm is not None:
+            swarm.close()
+        for node in reversed(nodes):
+            node.stop()
+
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        local_tps, local_ids = time_generate(local, input_ids, args.new_tokens, args.repeats)
+    del local
+
+    result = Result(name, swarm_tps, local_tps, torch.equal(swarm_ids, local_ids))
+    print(f"[{name}] swarm {result.swarm_tps:.1f} tok/s | local {result.local_tps:.1f} tok/s | "
+          f"ratio {result.ratio:.3f} | overhead {result.overhead_ms:.2f} ms/token | "
+          f"tokens match: {'yes' if result.match else 'NO'}", flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,large", help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer-threads", type=int, default=1, help="--num-threads of each peer")
+    parser.add_argument("--client-threads", type=int, default=1, help="torch threads of this process")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+
+    torch.set_num_threads(args.client_threads)
+    hf_logging.disable_progress_bar()
+    env = dict(os.environ, SWARMLM_HOME=str(swarmlm_home()))
+    print(f"batch 1, prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens, greedy, median of "
+          f"{args.repeats} after 1 warm-up; peer threads {args.peer_threads}, client threads {args.client_threads}")
+    with tempfile.TemporaryDirectory(prefix="swarmlm-bench-") as log_dir:
+        results = [bench_model(name, args, env, Path(log_dir)) for name in names]
+
+    print(f"\n{'model':<8}{'swarm tok/s':>13}{'local tok/s':>13}{'ratio':>8}{'overhead ms/tok':>17}{'match':>7}")
+    for r in results:
+        print(f"{r.model:<8}{r.swarm_tps:>13.1f}{r.local_tps:>13.1f}{r.ratio:>8.3f}{r.overhead_ms:>17.2f}"
+              f"{'yes' if r.match else 'NO':>7}")
+    return 0 if all(r.match for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared fixtures: one embedded model per test session, one live swarm per module that needs it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import pytest
+import torch
+
+# all processes of the test session share one SWARMLM_HOME, so the embedded model is built once
+os.environ.setdefault("SWARMLM_HOME", tempfile.mkdtemp(prefix="swarmlm-test-home-"))
+torch.set_num_threads(1)
+
+from swarm_processes import start_dht, start_peer  # noqa: E402
+
+from swarmlm.models.embedded import DEFAULT_MODEL, ensure_embedded_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path():
+    return ensure_embedded_model(DEFAULT_MODEL)
+
+
+@contextlib.contextmanager
+def running_swarm(model: str, spans: list[str], *peer_args: str):
+    """A bootstrap DHT node plus one CLI peer per span ("A:B"), all torn down on exit."""
+    with contextlib.ExitStack() as stack:
+        dht = stack.enter_context(start_dht())
+        peers = [start_peer(model, dht.maddrs[0], "--blocks", span, *peer_args) for span in spans]
+        for peer in peers:
+            stack.enter_context(peer)
+        yield dht, peers
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model_path):
+    """dht + two peers serving blocks 0:3 and 3:8 of the default model."""
+    with running_swarm(DEFAULT_MODEL, ["0:3", "3:8"]) as (dht, peers):
+        yield dht, peers
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def dist_model(swarm):
+    from swarmlm import AutoDistributedModelForCausalLM
+
+    dht, _ = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=dht.maddrs)
+    yield model
+    model.close()

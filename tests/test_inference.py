@@ -1,0 +1,88 @@
+"""The distributed model against the local transformers model with the same weights (the oracle)."""
+
+from __future__ import annotations
+
+import torch
+
+PROMPTS = ["Python supports several kinds of", "A class definition"]
+
+
+def test_forward_logits_match_local(dist_model, local_model, tokenizer):
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)  # left-padded
+    with torch.no_grad():
+        remote = dist_model(**batch).logits
+        local = local_model(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(remote[mask], local[mask], atol=1e-3, rtol=0)
+
+
+def test_greedy_generation_token_identical(dist_model, local_model, tokenizer):
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    remote = dist_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    local = local_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert remote.shape[1] == ids.shape[1] + 24
+    assert remote.tolist() == local.tolist()
+
+
+def test_left_padded_batch_identical(dist_model, local_model, tokenizer):
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any(), "the test needs padding"
+    remote = dist_model.generate(**batch, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    local = local_model.generate(**batch, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert remote.tolist() == local.tolist()
+
+
+def test_seeded_sampling_identical(dist_model, local_model, tokenizer):
+    ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=True, temperature=1.5, top_k=50)
+    torch.manual_seed(1234)
+    remote = dist_model.generate(ids, **kwargs)
+    torch.manual_seed(1234)
+    local = local_model.generate(ids, **kwargs)
+    assert remote.tolist() == local.tolist()
+
+
+def test_session_split_over_generate_calls(dist_model, local_model, tokenizer):
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    local = local_model.generate(ids, max_new_tokens=21, min_new_tokens=21, do_sample=False)
+    with dist_model.inference_session(max_length=ids.shape[1] + 21) as session:
+        first = dist_model.generate(ids, max_new_tokens=7, min_new_tokens=7, do_sample=False, session=session)
+        assert first.tolist() == local[:, : ids.shape[1] + 7].tolist()
+        dist_model.generate(None, max_new_tokens=7, min_new_tokens=7, do_sample=False, session=session)
+        last = dist_model.generate(None, max_new_tokens=7, min_new_tokens=7, do_sample=False, session=session)
+        assert session.position == ids.shape[1] + 20  # the last token is generated, not yet fed
+    assert last.tolist() == local.tolist()
+
+
+def test_session_continues_with_new_user_tokens(dist_model, local_model, tokenizer):
+    ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    extra = tokenizer(" and more", return_tensors="pt")["input_ids"]
+    with dist_model.inference_session(max_length=64) as session:
+        first = dist_model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, session=session)
+        second = dist_model.generate(extra, max_new_tokens=5, min_new_tokens=5, do_sample=False, session=session)
+    local_first = local_model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    local_second = local_model.generate(torch.cat([local_first, extra], 1), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert first.tolist() == local_first.tolist()
+    assert second.tolist() == local_second.tolist()
+
+
+def test_gradients_flow_to_client_parameters(dist_model, local_model, tokenizer):
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def grads(model):
+        model.zero_grad(set_to_none=True)
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=labels).loss
+        loss.backward()
+        return loss.detach(), embeds.grad, model.lm_head.weight.grad.clone()
+
+    with torch.enable_grad():
+        remote_loss, remote_embed_grad, remote_head_grad = grads(dist_model)
+        local_loss, local_embed_grad, local_head_grad = grads(local_model)
+    torch.testing.assert_close(remote_loss, local_loss, atol=1e-5, rtol=0)
+    rel = (remote_embed_grad - local_embed_grad).norm() / local_embed_grad.norm()
+    assert rel < 1e-3, f"input-embedding gradient relative error {rel:.2e}"
+    torch.testing.assert_close(remote_head_grad, local_head_grad, atol=1e-5, rtol=1e-3)
+    dist_model.zero_grad(set_to_none=True)
+    local_model.zero_grad(set_to_none=True)
