@@ -138,6 +138,7 @@ class SpanHandler(SpanService):
             yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
         except Exception as e:
             yield self._error(e, "forward", context)
+        await _drain(requests)
 
     def _forward(self, hidden, position_ids, mask, first, last):
         with torch.inference_mode():
@@ -154,6 +155,7 @@ class SpanHandler(SpanService):
             yield runtime_pb2.ExpertResponse(tensors=[serialize(grad_input)])
         except Exception as e:
             yield self._error(e, "backward", context)
+        await _drain(requests)
 
     def _backward(self, hidden, grad, position_ids, mask, first, last):
         with torch.enable_grad():
@@ -203,6 +205,7 @@ class SpanHandler(SpanService):
                 yield await self._inference_step(session, step, message.tensors)
         except Exception as e:
             yield self._error(e, "inference", context)
+            await _drain(requests)
         finally:
             if reservation is not None:
                 reservation.release()
@@ -261,6 +264,19 @@ class _Session:
 
     def __post_init__(self):
         self.opened_at = time.monotonic()
+
+
+async def _drain(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout: float = 2.0) -> None:
+    """Reads the caller's stream to its end before closing ours, so the caller never writes into a
+    closed stream (which would make it lose the answer to a broken pipe)."""
+    async def drain():
+        async for _ in requests:
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), timeout)
+    except Exception:
+        pass
 
 
 async def _first(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout: float) -> runtime_pb2.ExpertRequest:

@@ -1,0 +1,174 @@
+"""A peer answers malformed requests with a clear error and keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from swarmlm.client.rpc import InferenceStream, call_forward
+from swarmlm.errors import RemotePeerError
+from swarmlm.experts.protocol import SpanRequest, SpanService, check_response, pack, serialize, serialize_all
+from swarmlm.models.embedded import DEFAULT_MODEL
+
+HIDDEN = 128
+
+
+@pytest.fixture(scope="module")
+def client(dist_model):
+    """The distributed model's network side, and the peer serving blocks 0:3."""
+    remote = dist_model.remote
+    first_peer = remote.manager.make_route()[0].peer_id
+    return remote, first_peer
+
+
+def _forward(client, span: SpanRequest, *tensors: torch.Tensor) -> torch.Tensor:
+    remote, peer = client
+    hidden, position_ids, *mask = tensors
+    return remote.loop.run(call_forward(remote.p2p, peer, span, hidden, position_ids, mask[0] if mask else None, 30))
+
+
+def _raw(client, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    remote, peer = client
+
+    async def call():
+        from hivemind.p2p import PeerID
+
+        stub = SpanService.get_stub(remote.p2p, PeerID.from_base58(peer))
+
+        async def one():
+            yield request
+
+        async for response in await stub.rpc_forward(one()):
+            return check_response(peer, response)
+
+    return remote.loop.run(call())
+
+
+def _valid(client) -> torch.Tensor:
+    """A valid request succeeds: the peer is still serving."""
+    out = _forward(client, SpanRequest(model=DEFAULT_MODEL, start=0, end=3), torch.randn(1, 4, HIDDEN),
+                   torch.arange(4)[None])
+    assert out.shape == (1, 4, HIDDEN) and torch.isfinite(out).all()
+    return out
+
+
+SPAN = SpanRequest(model=DEFAULT_MODEL, start=0, end=3)
+POS = torch.arange(4)[None]
+
+
+@pytest.mark.parametrize(
+    "span, tensors, message",
+    [
+        (SPAN, (torch.randn(1, 4, HIDDEN + 1), POS), "hidden_states must be"),
+        (SPAN, (torch.randn(4, HIDDEN), POS), "hidden_states must be"),
+        (SPAN, (torch.randint(0, 5, (1, 4, HIDDEN)), POS), "float"),
+        (SPAN, (torch.full((1, 4, HIDDEN), float("nan")), POS), "finite"),
+        (SPAN, (torch.randn(1, 4, HIDDEN), torch.arange(3)[None]), "position_ids must be"),
+        (SPAN, (torch.randn(1, 4, HIDDEN), POS + 10**6), "position_ids must lie"),
+        (SPAN, (torch.randn(1, 4, HIDDEN), POS, torch.ones(1, 5)), "attention_mask"),
+        (SPAN, (torch.randn(1, 4, HIDDEN), POS, torch.full((1, 4), 7)), "only 0 and 1"),
+        (SpanRequest(model="no-such-model", start=0, end=3), (torch.randn(1, 4, HIDDEN), POS), "serves model"),
+        (SpanRequest(model=DEFAULT_MODEL, start=2, end=6), (torch.randn(1, 4, HIDDEN), POS), "not served here"),
+        (SPAN, (torch.randn(1, 20000, HIDDEN), torch.arange(20000)[None]), "exceed the limit"),
+        (SPAN, (torch.randn(65, 1, HIDDEN), torch.zeros(65, 1, dtype=torch.long)), "outside limits"),
+    ],
+)
+def test_invalid_tensors_get_clear_errors(client, span, tensors, message):
+    with pytest.raises(RemotePeerError, match=message) as info:
+        _forward(client, span, *tensors)
+    assert info.value.code == "bad_request"
+    _valid(client)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        runtime_pb2.ExpertRequest(metadata=b"\xff\x00garbage"),
+        runtime_pb2.ExpertRequest(metadata=msgpack.packb([1, 2, 3])),
+        runtime_pb2.ExpertRequest(metadata=msgpack.packb({"model": DEFAULT_MODEL, "start": "0", "end": 3})),
+        runtime_pb2.ExpertRequest(metadata=pack(SPAN)),  # no tensors
+        runtime_pb2.ExpertRequest(
+            metadata=pack(SPAN),
+            tensors=[runtime_pb2.Tensor(buffer=b"\x00" * 10, size=[1, 4, HIDDEN], dtype="float32"),
+                     serialize(POS)],
+        ),
+        runtime_pb2.ExpertRequest(
+            metadata=pack(SPAN),
+            tensors=[runtime_pb2.Tensor(buffer=b"", size=[10**6, 10**6, HIDDEN], dtype="float32"), serialize(POS)],
+        ),
+        runtime_pb2.ExpertRequest(
+            metadata=pack(SPAN),
+            tensors=[runtime_pb2.Tensor(buffer=b"abcd", size=[1], dtype="complex_nonsense"), serialize(POS)],
+        ),
+    ],
+)
+def test_garbage_requests_get_clear_errors(client, request_):
+    with pytest.raises(RemotePeerError) as info:
+        _raw(client, request_)
+    assert info.value.code == "bad_request", str(info.value)
+    _valid(client)
+
+
+def test_session_beyond_cache_budget_is_refused_as_busy(client):
+    remote, peer = client
+    stream = InferenceStream(peer, SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=2048, batch_size=64))
+
+    async def run():
+        await stream.open(remote.p2p)
+        try:
+            return await stream.step(0, torch.randn(64, 1, HIDDEN), torch.zeros(64, 1, dtype=torch.long), None, 30)
+        finally:
+            stream.close()
+
+    with pytest.raises(RemotePeerError, match="exceeds this peer's limits|not enough KV cache"):
+        remote.loop.run(run())
+    _valid(client)
+
+
+def test_session_over_free_cache_says_busy(client):
+    remote, peer = client
+    stream = InferenceStream(peer, SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=2048, batch_size=9))
+
+    async def run():
+        await stream.open(remote.p2p)
+        try:
+            return await stream.step(0, torch.randn(9, 1, HIDDEN), torch.zeros(9, 1, dtype=torch.long), None, 30)
+        finally:
+            stream.close()
+
+    with pytest.raises(RemotePeerError, match="not enough KV cache") as info:  # 9 x 2048 > 16384 tokens
+        remote.loop.run(run())
+    assert info.value.code == "busy"
+    _valid(client)
+
+
+def test_inference_step_beyond_max_length_and_wrong_position(client):
+    remote, peer = client
+
+    async def run(position, seq):
+        stream = InferenceStream(peer, SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1))
+        await stream.open(remote.p2p)
+        try:
+            return await stream.step(position, torch.randn(1, seq, HIDDEN), torch.arange(seq)[None], None, 30)
+        finally:
+            stream.close()
+
+    with pytest.raises(RemotePeerError, match="beyond its max_length"):
+        remote.loop.run(run(0, 9))
+    with pytest.raises(RemotePeerError, match="session holds 0 tokens"):
+        remote.loop.run(run(5, 1))
+    assert remote.loop.run(run(0, 8)).shape == (1, 8, HIDDEN)
+    _valid(client)
+
+
+def test_sub_span_requests_match_full_span(client):
+    """A route may use part of a peer's span: blocks 0:1 then 1:3 equal 0:3."""
+    hidden = torch.randn(1, 4, HIDDEN)
+    full = _forward(client, SPAN, hidden, POS)
+    part = _forward(client, SpanRequest(model=DEFAULT_MODEL, start=0, end=1), hidden, POS)
+    part = _forward(client, SpanRequest(model=DEFAULT_MODEL, start=1, end=3), part, POS)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=0)
