@@ -125,6 +125,9 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from swarmlm.demo import run_demo
 
+    import torch
+
+    torch.set_num_threads(1)
     return run_demo(num_peers=args.num_peers, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                      model=args.model)
 

@@ -1,0 +1,97 @@
+"""`swarmlm demo`: a whole local swarm on the embedded model, no downloads.
+
+Starts a bootstrap DHT node and N peers as separate processes on 127.0.0.1 (each hosting part of
+the blocks), generates through them with the Python client, prints the text, the route and
+tokens/s, and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _start(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, list[str], str]:
+    """Starts `python -m swarmlm.cli ARGS` and waits for its READY line; returns (process, maddrs, ready line)."""
+    proc = subprocess.Popen([sys.executable, "-m", "swarmlm.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
+    maddrs, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        line = line.strip()
+        if line.startswith("/"):
+            maddrs.append(line)
+        elif line.startswith("READY"):
+            return proc, maddrs, line
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"`swarmlm {' '.join(args)}` did not start (exit code {proc.poll()})")
+
+
+def _spans(num_blocks: int, num_peers: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_blocks / num_peers) for i in range(num_peers + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def run_demo(num_peers: int = 2, max_new_tokens: int = 32, prompt: str = "", model: str = "") -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from swarmlm.client.model import AutoDistributedModelForCausalLM
+    from swarmlm.models.checkpoint import resolve_model
+
+    resolved = resolve_model(model)  # creates the embedded model on first use
+    num_blocks = AutoConfig.from_pretrained(resolved.path).num_hidden_layers
+    processes = []
+    try:
+        print(f"Starting a local swarm for {resolved.name} ({num_blocks} blocks) ...", flush=True)
+        dht, maddrs, _ = _start(["dht", "--log-level", "error"])
+        processes.append(dht)
+        print(f"  bootstrap node  {maddrs[0]}", flush=True)
+        for start, end in _spans(num_blocks, num_peers):
+            peer, peer_maddrs, _ = _start(["peer", "--model", model, "--blocks", f"{start}:{end}",
+                                           "--initial-peers", maddrs[0], "--num-threads", "1",
+                                           "--log-level", "error"])
+            processes.append(peer)
+            print(f"  peer  blocks {start}:{end}  {peer_maddrs[0]}", flush=True)
+
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        client = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=maddrs)
+        try:
+            inputs = tokenizer(prompt, return_tensors="pt")
+            with client.inference_session(max_length=inputs["input_ids"].shape[1] + max_new_tokens) as session:
+                started = time.perf_counter()
+                outputs = client.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                          do_sample=False, session=session)
+                elapsed = time.perf_counter() - started
+                route = session.describe_route()
+        finally:
+            client.close()
+        new_tokens = outputs.shape[1] - inputs["input_ids"].shape[1]
+        print("\nRoute:", flush=True)
+        for peer_id, start, end in route:
+            print(f"  {peer_id} -> blocks {start}:{end}")
+        print(f"\nPrompt: {prompt}")
+        print(f"Generated: {tokenizer.decode(outputs[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
+        print(f"\n{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s "
+              f"(the embedded model has random weights: the text is not meaningful)")
+        return 0
+    finally:
+        for proc in reversed(processes):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in processes:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print("Swarm stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(run_demo())
