@@ -113,36 +113,33 @@ def test_garbage_requests_get_clear_errors(client, request_):
     _valid(client)
 
 
-def test_session_beyond_cache_budget_is_refused_as_busy(client):
+def _open_session(client, batch: int, max_length: int = 2048) -> torch.Tensor:
+    """Opens a session on blocks 0:3 and runs one token per sequence through it."""
     remote, peer = client
-    stream = InferenceStream(peer, SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=2048, batch_size=64))
+    span = SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=max_length, batch_size=batch)
+    stream = InferenceStream(peer, span)
 
     async def run():
         await stream.open(remote.p2p)
         try:
-            return await stream.step(0, torch.randn(64, 1, HIDDEN), torch.zeros(64, 1, dtype=torch.long), None, 30)
+            return await stream.step(0, torch.randn(batch, 1, HIDDEN), torch.zeros(batch, 1, dtype=torch.long), None, 30)
         finally:
             stream.close()
 
-    with pytest.raises(RemotePeerError, match="exceeds this peer's limits|not enough KV cache"):
-        remote.loop.run(run())
+    return remote.loop.run(run())
+
+
+def test_session_beyond_peer_limits_is_refused(client):
+    with pytest.raises(RemotePeerError, match="exceeds this peer's limits"):
+        _open_session(client, batch=65)
     _valid(client)
 
 
 def test_session_over_free_cache_says_busy(client):
-    remote, peer = client
-    stream = InferenceStream(peer, SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=2048, batch_size=9))
-
-    async def run():
-        await stream.open(remote.p2p)
-        try:
-            return await stream.step(0, torch.randn(9, 1, HIDDEN), torch.zeros(9, 1, dtype=torch.long), None, 30)
-        finally:
-            stream.close()
-
     with pytest.raises(RemotePeerError, match="not enough KV cache") as info:  # 9 x 2048 > 16384 tokens
-        remote.loop.run(run())
+        _open_session(client, batch=9)
     assert info.value.code == "busy"
+    assert _open_session(client, batch=8).shape == (8, 1, HIDDEN)  # 8 x 2048 = 16384 fits exactly
     _valid(client)
 
 

@@ -55,7 +55,9 @@ class SpanHandler(SpanService):
                  device: torch.device):
         self.span, self.model, self.limits, self.budget = span, model, limits, budget
         self.dtype, self.device = dtype, device
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-compute")
+        # torch's intra-op thread count is per thread under OpenMP: carry the process setting over
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-compute", initializer=torch.set_num_threads,
+                                          initargs=(torch.get_num_threads(),))
         self.accepting_sessions = True
         self.active_sessions = 0
 
