@@ -58,7 +58,7 @@ def _network_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_dht(args) -> int:
-    from swarmlm.dht.node import create_dht
+    from swarmlm.dht.node import create_dht, shutdown_dht
 
     dht = create_dht(args.initial_peers, args.host_maddrs, args.announce_maddrs, args.identity_path,
                      use_nat_port_map=args.use_nat_port_map)
@@ -67,7 +67,7 @@ def cmd_dht(args) -> int:
     try:
         _wait_for_signal()
     finally:
-        dht.shutdown()
+        shutdown_dht(dht)
     return 0
 
 

@@ -12,7 +12,7 @@ from swarmlm.client.routing import RouteHop, SequenceManager
 from swarmlm.client.rpc import call_backward, call_forward
 from swarmlm.errors import RemotePeerError
 from swarmlm.experts.protocol import SpanRequest
-from swarmlm.dht.node import create_dht
+from swarmlm.dht.node import create_dht, shutdown_dht
 from swarmlm.utils.aio import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class RemoteSequential:
         except Exception:
             pass
         self.loop.stop()
-        self.dht.shutdown()
+        shutdown_dht(self.dht)
 
 
 class _RemoteChain(torch.autograd.Function):

@@ -25,3 +25,12 @@ def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=Non
     if identity_path:
         kwargs["identity_path"] = identity_path
     return hivemind.DHT(**kwargs)
+
+
+def shutdown_dht(dht: hivemind.DHT, timeout: float = 5.0) -> None:
+    """Stops a DHT node's process; kills it if it does not stop in time (so the caller can exit)."""
+    dht.shutdown()
+    dht.join(timeout)
+    if dht.is_alive():
+        dht.kill()
+        dht.join(timeout)

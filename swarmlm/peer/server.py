@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from swarmlm import __version__
 from swarmlm.dht.records import ServerRecord, ServerState, record_expiration
-from swarmlm.dht.node import create_dht
+from swarmlm.dht.node import create_dht, shutdown_dht
 from swarmlm.dht.registry import declare_span, fetch_block_records, make_validators
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
@@ -170,5 +170,5 @@ class Peer:
         if self._announcer is not None:
             self._announcer.join(timeout=5)
         if self.dht is not None:
-            self.dht.shutdown()
+            shutdown_dht(self.dht)
         logger.info("Peer stopped")
