@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import msgpack
 import pytest
@@ -11,7 +10,7 @@ from hivemind.proto import runtime_pb2
 
 from swarmlm.client.rpc import InferenceStream, call_forward
 from swarmlm.errors import RemotePeerError
-from swarmlm.experts.protocol import SpanRequest, SpanService, check_response, pack, serialize, serialize_all
+from swarmlm.experts.protocol import SpanRequest, SpanService, check_response, pack, serialize
 from swarmlm.models.embedded import DEFAULT_MODEL
 
 HIDDEN = 128

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
 
 import torch
 from hivemind.p2p import P2P, PeerID

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
@@ -262,10 +261,6 @@ class _Session:
     max_length: int
     length: int = 0
     mask: Optional[torch.Tensor] = None  # [batch, length] bool, None while all ones
-    opened_at: float = 0.0
-
-    def __post_init__(self):
-        self.opened_at = time.monotonic()
 
 
 async def _drain(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout: float = 2.0) -> None:
