@@ -12,7 +12,12 @@ class ClientConfig:
     dht_prefix: Optional[str] = None  # the model's name in the DHT (default: resolved model name)
     request_timeout: float = 30.0  # seconds to wait for one forward/backward call or inference step
     session_open_timeout: float = 30.0  # seconds to wait for a peer to accept a session
-    max_retries: int = 3  # attempts per call before giving up with an error (fresh route each time)
+    max_retries: int = 3  # retries per call or inference step before giving up with an error (fresh route each)
+    retry_backoff: float = 0.5  # seconds before the 2nd retry in a row, doubling after each failure
+    max_backoff: float = 10.0  # cap on the wait between retries
+    ban_duration: float = 5.0  # a failing peer is left out of routes this long, doubling per failure in a row
+    max_ban_duration: float = 120.0  # cap on a peer's ban
+    probe_timeout: float = 2.0  # seconds to wait for a peer's rpc_info answer (RTT probe) before banning it
     route_refresh_period: float = 10.0  # seconds before cached DHT records are re-read
     use_nat_port_map: bool = False  # the client never needs a port mapping: it only dials out
     startup_timeout: float = 60.0  # seconds to wait for the client's p2p daemon to start

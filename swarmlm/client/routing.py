@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -11,9 +13,13 @@ import hivemind
 
 from swarmlm.dht.records import ServerRecord, ServerState
 from swarmlm.dht.registry import fetch_block_records
+from swarmlm.client.peer_stats import PeerLatencies
 from swarmlm.errors import MissingBlocksError
 
 logger = logging.getLogger(__name__)
+
+CACHE_PENALTY = 10.0  # seconds added to a hop whose peer lacks free KV cache for the session
+DEFAULT_RTT = 0.005  # seconds assumed for a peer whose round trip was never measured
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class SequenceManager:
     def __init__(self, dht: hivemind.DHT, model: str, num_blocks: int, refresh_period: float, hint: str = ""):
         self.dht, self.model, self.num_blocks = dht, model, num_blocks
         self.refresh_period, self.hint = refresh_period, hint
+        self.latencies = PeerLatencies()
+        self.default_rtt = DEFAULT_RTT
         self._records: list[list[ServerRecord]] = [[] for _ in range(num_blocks)]
         self._updated_at = -float("inf")
         self._lock = threading.Lock()
@@ -44,28 +52,67 @@ class SequenceManager:
         self.refresh()
         return self._records
 
-    def make_route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> list[RouteHop]:
-        """A chain of hops covering blocks [start, end): at each block, the online peer reaching furthest."""
+    def make_route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset(), *,
+                   mode: str = "latency", cache_tokens: int = 0) -> list[RouteHop]:
+        """The cheapest chain of hops covering blocks [start, end), by `route_cost`.
+
+        mode="latency" (inference): least expected step time. mode="throughput" (forward/backward):
+        each peer's compute time is scaled by a random Exp(1) factor, so among equal routes a peer is
+        picked with probability proportional to its throughput and load spreads over replicas.
+        Raises MissingBlocksError if the ONLINE peers outside `exclude` leave a gap.
+        """
         end = self.num_blocks if end is None else end
-        route = self._greedy(start, end, exclude)
+        route = self._cheapest(start, end, exclude, mode, cache_tokens)
         if route is None:
             self.refresh(force=True)
-            route = self._greedy(start, end, exclude)
+            route = self._cheapest(start, end, exclude, mode, cache_tokens)
         if route is None:
             raise MissingBlocksError(self.model, self._missing(start, end, exclude), self.hint)
         return route
 
-    def _greedy(self, start: int, end: int, exclude: frozenset[str]) -> list[RouteHop] | None:
+    def candidates(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> set[str]:
+        """ONLINE peers serving any of blocks [start, end)."""
+        end = self.num_blocks if end is None else end
         records = self.block_records()
-        route, block = [], start
-        while block < end:
-            candidates = [r for r in records[block] if r.state == ServerState.ONLINE and r.peer_id not in exclude]
-            if not candidates:
-                return None
-            best = max(candidates, key=lambda r: (min(r.end, end), r.throughput))
-            route.append(RouteHop(best.peer_id, block, min(best.end, end)))
-            block = min(best.end, end)
-        return route
+        return {r.peer_id for block in range(start, end) for r in records[block]
+                if r.state == ServerState.ONLINE and r.peer_id not in exclude}
+
+    def _cheapest(self, start: int, end: int, exclude: frozenset[str], mode: str, cache_tokens: int):
+        records = self.block_records()
+        serving = [{r.peer_id: r for r in records[block] if r.state == ServerState.ONLINE and r.peer_id not in exclude}
+                   for block in range(self.num_blocks)]
+        noise = {}
+        if mode == "throughput":
+            noise = {peer: random.expovariate(1.0) for block in serving[start:end] for peer in block}
+        cost = [math.inf] * (end + 1)
+        cost[start], previous = 0.0, [None] * (end + 1)
+        for a in range(start, end):
+            if cost[a] == math.inf:
+                continue
+            for peer_id, record in serving[a].items():
+                reach = a
+                while reach < end and peer_id in serving[reach]:
+                    reach += 1
+                for b in range(a + 1, reach + 1):
+                    hop_cost = cost[a] + self.route_cost(record, b - a, cache_tokens, noise.get(peer_id, 1.0))
+                    if hop_cost < cost[b]:
+                        cost[b], previous[b] = hop_cost, RouteHop(peer_id, a, b)
+        if cost[end] == math.inf:
+            return None
+        route, block = [], end
+        while block > start:
+            route.append(previous[block])
+            block = previous[block].start
+        return route[::-1]
+
+    def route_cost(self, record: ServerRecord, num_blocks: int, cache_tokens: int, compute_scale: float = 1.0) -> float:
+        """Expected seconds for one token step through `num_blocks` blocks of `record`'s peer:
+        round trip + compute at its announced per-block throughput, plus a penalty when its free
+        KV cache is smaller than the session needs (it would likely answer "busy")."""
+        rtt = self.latencies.get(record.peer_id, self.default_rtt)
+        compute = num_blocks * compute_scale / max(record.throughput, 1e-3)
+        penalty = CACHE_PENALTY if cache_tokens > record.free_cache_tokens else 0.0
+        return rtt + compute + penalty
 
     def _missing(self, start: int, end: int, exclude: frozenset[str]) -> list[tuple[int, int]]:
         missing, run_start = [], None

@@ -11,12 +11,14 @@ from hivemind.proto import runtime_pb2
 from swarmlm.errors import RemotePeerError
 from swarmlm.experts.protocol import (
     InferenceStep,
+    PeerInfo,
     SpanRequest,
     SpanService,
     check_response,
     deserialize_tensor,
     pack,
     serialize_all,
+    unpack,
 )
 
 
@@ -59,6 +61,19 @@ async def call_backward(p2p, peer_id, span: SpanRequest, hidden, grad, position_
         tensors=serialize_all(_inputs(hidden, position_ids, attention_mask, grad)), metadata=pack(span)
     )
     return await _unary_stream_call(p2p, peer_id, "rpc_backward", request, timeout)
+
+
+async def call_info(p2p, peer_id: str, timeout: float) -> PeerInfo:
+    """The peer's live state (rpc_info); also a round-trip probe. Raises RemotePeerError on failure."""
+    try:
+        response = await asyncio.wait_for(_stub(p2p, peer_id).rpc_info(runtime_pb2.ExpertRequest()), timeout)
+        return unpack(check_response(peer_id, response).metadata, PeerInfo)
+    except RemotePeerError:
+        raise
+    except asyncio.TimeoutError:
+        raise RemotePeerError(peer_id, f"no answer to a probe within {timeout} s") from None
+    except Exception as e:
+        raise RemotePeerError(peer_id, f"probe failed: {type(e).__name__}: {e}") from e
 
 
 async def _single(item):

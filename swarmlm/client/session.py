@@ -1,18 +1,59 @@
-"""InferenceSession: a sequence whose KV caches live on the peers of one route."""
+"""InferenceSession: a sequence whose KV caches live on the peers of one route, with failover.
+
+The client keeps what it sent into each hop (`_History`: hidden states per block boundary,
+position ids, attention mask). When a peer fails mid-session (crash, timeout, "busy"), the
+session bans it, opens sessions for exactly its blocks on a replacement route, replays that
+hop's whole input history through them and continues; later hops never notice.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from swarmlm.client.routing import RouteHop
 from swarmlm.client.rpc import InferenceStream
 from swarmlm.client.swarm import RemoteSequential
-from swarmlm.errors import SwarmError
+from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Hop:
+    route: RouteHop
+    stream: InferenceStream
+    length: int = 0  # tokens this hop's peer holds for the session
+
+
+class _History:
+    """Everything the session sent so far: inputs of each block boundary, position ids, mask."""
+
+    def __init__(self, batch: int, max_length: int):
+        self.batch, self.max_length = batch, max_length
+        self.hidden: dict[int, torch.Tensor] = {}  # block -> [batch, max_length, hidden] inputs of that block
+        self.lengths: dict[int, int] = {}  # block -> tokens of hidden[block] that are filled
+        self.position_ids = torch.zeros(batch, max_length, dtype=torch.int64)
+        self.mask = torch.ones(batch, max_length, dtype=torch.bool)
+
+    def write(self, block: int, start: int, hidden: torch.Tensor) -> None:
+        """Records inputs of `block` at positions [start, start + seq); keeps what is already there."""
+        end = start + hidden.shape[1]
+        if block not in self.hidden:
+            self.hidden[block] = hidden.new_zeros(self.batch, self.max_length, hidden.shape[2])
+            self.lengths[block] = 0
+        keep = max(self.lengths[block], start)
+        if keep < end:
+            self.hidden[block][:, keep:end] = hidden[:, keep - start:]
+        self.lengths[block] = max(self.lengths[block], end)
+
+    def mask_chunk(self, start: int, end: int) -> Optional[torch.Tensor]:
+        """The mask for positions [start, end), or None when every token so far is attended."""
+        return None if bool(self.mask[:, :end].all()) else self.mask[:, start:end]
 
 
 class InferenceSession:
@@ -27,23 +68,18 @@ class InferenceSession:
         self.position = 0  # tokens every peer of the route holds
         self.output_ids: Optional[torch.Tensor] = None  # [batch, n] all tokens of the sequence so far
         self.output_mask: Optional[torch.Tensor] = None  # [batch, n] attention mask of output_ids
-        self.route: list = []
-        self._streams: list[InferenceStream] = []
+        self.failovers = 0  # hops replaced after a failure, over the session's life
+        self._hops: list[_Hop] = []
+        self._history: Optional[_History] = None
         self._batch: Optional[int] = None
         self.closed = False
 
-    def _open(self, batch: int) -> None:
-        self._batch = batch
-        self.route = self.remote.manager.make_route()
-        self._streams = [
-            InferenceStream(hop.peer_id, self.remote.span_request(hop, max_length=self.max_length, batch_size=batch))
-            for hop in self.route
-        ]
-        logger.info("Route: " + " -> ".join(f"{s.peer_id[-6:]}[{s.span.start}:{s.span.end}]" for s in self._streams))
-        self.remote.loop.run(self._open_all(), timeout=self.remote.config.session_open_timeout)
+    @property
+    def route(self) -> list[RouteHop]:
+        return [hop.route for hop in self._hops]
 
-    async def _open_all(self) -> None:
-        await asyncio.gather(*(stream.open(self.remote.p2p) for stream in self._streams))
+    def describe_route(self) -> list[tuple[str, int, int]]:
+        return [(h.route.peer_id, h.route.start, h.route.end) for h in self._hops]
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask_chunk: Optional[torch.Tensor]) -> torch.Tensor:
         """Runs [batch, seq, hidden] new tokens through the route; returns the last block's output."""
@@ -56,7 +92,7 @@ class InferenceSession:
                 f"open it with a larger max_length"
             )
         if self._batch is None:
-            self._open(batch)
+            self._batch = batch
         elif batch != self._batch:
             raise SwarmError(f"this session has batch size {self._batch}, got {batch}")
         output = self.remote.loop.run(self._step(hidden, position_ids, mask_chunk))
@@ -64,20 +100,70 @@ class InferenceSession:
         return output.to(hidden.dtype)
 
     async def _step(self, hidden, position_ids, mask_chunk) -> torch.Tensor:
-        timeout = self.remote.config.request_timeout
-        for stream in self._streams:
-            hidden = await stream.step(self.position, hidden, position_ids, mask_chunk, timeout)
-        return hidden
+        start, end = self.position, self.position + hidden.shape[1]
+        if self._history is None:  # created here, on the loop thread, so never an inference-mode tensor
+            self._history = _History(self._batch, self.max_length)
+        history = self._history
+        history.position_ids[:, start:end] = position_ids
+        history.mask[:, start:end] = True if mask_chunk is None else mask_chunk.to(torch.bool)
+        history.write(0, start, hidden)
+        attempts, i = self.remote.attempts(f"inference step at position {start}"), 0
+        while not self._hops:
+            try:
+                self._hops = await self._open(0, self.remote.num_blocks)
+            except (MissingBlocksError, RemotePeerError) as e:
+                await attempts.failed(e, getattr(e, "peer", None))
+        while i < len(self._hops):
+            hop = self._hops[i]
+            try:
+                output = await self._send(hop, end)
+            except RemotePeerError as e:
+                await attempts.failed(e, e.peer)
+                await self._replace(i, attempts)
+                continue
+            if hop.route.end < self.remote.num_blocks:
+                history.write(hop.route.end, hop.length, output)
+            hop.length, i = end, i + 1
+        return output[:, -(end - start):]
 
-    def describe_route(self) -> list[tuple[str, int, int]]:
-        return [(s.peer_id, s.span.start, s.span.end) for s in self._streams]
+    async def _send(self, hop: _Hop, end: int) -> torch.Tensor:
+        """Sends the hop everything it lacks up to `end` (one token on a normal step, the whole
+        history after a failover) and returns its output for those positions."""
+        history, start = self._history, hop.length
+        return await hop.stream.step(
+            start, history.hidden[hop.route.start][:, start:end], history.position_ids[:, start:end],
+            history.mask_chunk(start, end), self.remote.config.request_timeout,
+        )
+
+    async def _open(self, start: int, end: int) -> list[_Hop]:
+        """Opens streams on the cheapest route for blocks [start, end) (their answers come with the first step)."""
+        cache_tokens = self._batch * self.max_length
+        route = await self.remote.make_route(start, end, mode="latency", cache_tokens=cache_tokens)
+        hops = [_Hop(r, InferenceStream(r.peer_id, self.remote.span_request(
+            r, max_length=self.max_length, batch_size=self._batch))) for r in route]
+        logger.info(f"Route for blocks {start}:{end}: " + " -> ".join(f"{r.peer_id[-6:]}[{r.start}:{r.end}]" for r in route))
+        await asyncio.gather(*(hop.stream.open(self.remote.p2p) for hop in hops))
+        return hops
+
+    async def _replace(self, i: int, attempts) -> None:
+        """Replaces hop i by a fresh route for its blocks; the new hops start empty (length 0), so the
+        next `_send` replays the whole history into them."""
+        failed = self._hops[i]
+        failed.stream.close()
+        while True:
+            try:
+                self._hops[i:i + 1] = await self._open(failed.route.start, failed.route.end)
+                break
+            except (MissingBlocksError, RemotePeerError) as e:
+                await attempts.failed(e, getattr(e, "peer", None))
+        self.failovers += 1
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for stream in self._streams:
-            self.remote.loop.loop.call_soon_threadsafe(stream.close)
+        for hop in self._hops:
+            self.remote.loop.loop.call_soon_threadsafe(hop.stream.close)
 
     def __enter__(self) -> "InferenceSession":
         return self

@@ -1,18 +1,27 @@
-"""RemoteSequential: the model's blocks as one module whose forward/backward run on the swarm."""
+"""RemoteSequential: the model's blocks as one module whose forward/backward run on the swarm.
+
+Fault tolerance lives here: a failing peer is banned for a while (`PeerBans`), the failed part of
+the work is retried on a fresh route after an exponential backoff, and after `max_retries` failed
+attempts in a row the caller gets a `SwarmError` naming the last error.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Optional
+import time
+from functools import partial
+from typing import Iterable, Optional
 
 import torch
 
 from swarmlm.client.config import ClientConfig
+from swarmlm.client.peer_stats import PeerBans
 from swarmlm.client.routing import RouteHop, SequenceManager
-from swarmlm.client.rpc import call_backward, call_forward
-from swarmlm.errors import RemotePeerError
-from swarmlm.experts.protocol import SpanRequest
+from swarmlm.client.rpc import call_backward, call_forward, call_info
 from swarmlm.dht.node import create_dht, shutdown_dht
+from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
+from swarmlm.experts.protocol import SpanRequest
 from swarmlm.utils.aio import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -28,6 +37,7 @@ class RemoteSequential:
         self.loop = LoopThread("swarmlm-client-rpc")
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=config.startup_timeout)
         self.manager = SequenceManager(self.dht, model, num_blocks, config.route_refresh_period, hint)
+        self.bans = PeerBans(config.ban_duration, config.max_ban_duration)
 
     def span_request(self, hop: RouteHop, **kwargs) -> SpanRequest:
         return SpanRequest(model=self.model, start=hop.start, end=hop.end, **kwargs)
@@ -37,35 +47,90 @@ class RemoteSequential:
         """hidden [batch, seq, hidden] -> hidden after all blocks; differentiable w.r.t. `hidden`."""
         return _RemoteChain.apply(hidden, position_ids, attention_mask, self)
 
-    def forward_hop(self, hop: RouteHop, hidden, position_ids, mask) -> torch.Tensor:
-        return self.loop.run(call_forward(self.p2p, hop.peer_id, self.span_request(hop), hidden, position_ids, mask,
-                                          self.config.request_timeout))
+    # ---- routing ----------------------------------------------------------------------------------
 
-    def backward_hop(self, hop: RouteHop, hidden, grad, position_ids, mask) -> torch.Tensor:
-        return self.loop.run(call_backward(self.p2p, hop.peer_id, self.span_request(hop), hidden, grad, position_ids,
-                                           mask, self.config.request_timeout))
+    def attempts(self, what: str) -> "Attempts":
+        return Attempts(self, what)
+
+    async def probe(self, peer_ids: Iterable[str]) -> None:
+        """Measures the round trip to each peer (concurrently); bans those that do not answer."""
+        async def probe_one(peer_id: str) -> None:
+            started = time.perf_counter()
+            try:
+                info = await call_info(self.p2p, peer_id, self.config.probe_timeout)
+            except RemotePeerError as e:
+                logger.info(f"Leaving {peer_id} out of routes for {self.bans.ban(peer_id):.0f} s: {e}")
+                return
+            self.manager.latencies.update(peer_id, time.perf_counter() - started)
+            if not info.accepting_sessions:
+                self.bans.ban(peer_id)
+
+        await asyncio.gather(*(probe_one(peer_id) for peer_id in peer_ids))
+
+    async def make_route(self, start: int, end: int, *, mode: str, cache_tokens: int = 0) -> list[RouteHop]:
+        """A route for blocks [start, end) that avoids banned peers; probes peers seen for the first time.
+
+        Runs the blocking DHT reads in a worker thread, so the event loop keeps serving other streams.
+        """
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.manager.refresh)
+        new_peers = self.manager.latencies.unknown(self.manager.candidates(start, end, self.bans.banned()))
+        if new_peers:
+            await self.probe(new_peers)
+        route = partial(self.manager.make_route, start, end, self.bans.banned(), mode=mode, cache_tokens=cache_tokens)
+        return await loop.run_in_executor(None, route)
+
+    # ---- forward / backward ----------------------------------------------------------------------
 
     def run_chain(self, hidden, position_ids, mask) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
-        """Forward through a route covering all blocks; returns the output and each hop's input.
+        """Forward through all blocks; returns the output and each hop with its input (for backward)."""
+        return self.loop.run(self.forward_blocks(hidden, position_ids, mask, 0, self.num_blocks))
 
-        A failing hop is retried on a fresh route from its first block (max_retries attempts).
-        """
-        inputs, block, failed = [], 0, set()
-        attempts = 0
-        while block < self.num_blocks:
-            hop = self.manager.make_route(block, self.num_blocks, frozenset(failed))[0]
+    def run_backward(self, hops: list[tuple[RouteHop, torch.Tensor]], grad, position_ids, mask) -> torch.Tensor:
+        return self.loop.run(self._backward_chain(hops, grad, position_ids, mask))
+
+    async def forward_blocks(self, hidden, position_ids, mask, start: int, end: int):
+        """Forward through blocks [start, end), hop by hop; a failed hop is retried from its first block."""
+        hops, block, attempts = [], start, self.attempts(f"forward through blocks {start}:{end}")
+        while block < end:
             try:
-                output = self.forward_hop(hop, hidden, position_ids, mask)
-            except RemotePeerError as e:
-                attempts += 1
-                if e.code in ("bad_request",) or attempts > self.config.max_retries:
-                    raise
-                logger.warning(f"{e}; retrying blocks {hop.start}:{self.num_blocks} on another route")
-                failed.add(hop.peer_id)
+                hop = (await self.make_route(block, end, mode="throughput"))[0]
+            except MissingBlocksError as e:
+                await attempts.failed(e)
                 continue
-            inputs.append((hop, hidden))
+            try:
+                output = await call_forward(self.p2p, hop.peer_id, self.span_request(hop), hidden, position_ids, mask,
+                                            self.config.request_timeout)
+            except RemotePeerError as e:
+                await attempts.failed(e, hop.peer_id)
+                continue
+            hops.append((hop, hidden))
             hidden, block = output.to(hidden.dtype), hop.end
-        return hidden, inputs
+        return hidden, hops
+
+    async def _backward_chain(self, hops, grad, position_ids, mask) -> torch.Tensor:
+        for hop, hop_input in reversed(hops):
+            grad = await self._backward_hop(hop, hop_input, grad, position_ids, mask)
+        return grad
+
+    async def _backward_hop(self, hop: RouteHop, hop_input, grad, position_ids, mask) -> torch.Tensor:
+        """Backward through one forward hop. If its peer fails, the hop's blocks are recomputed
+        forward on a fresh route from the stored input, then backward runs through that route."""
+        pieces, attempts = [(hop, hop_input)], self.attempts(f"backward through blocks {hop.start}:{hop.end}")
+        while True:
+            piece_grad, failed = grad, None
+            for piece, piece_input in reversed(pieces):
+                try:
+                    piece_grad = (await call_backward(self.p2p, piece.peer_id, self.span_request(piece), piece_input,
+                                                      piece_grad, position_ids, mask, self.config.request_timeout))
+                except RemotePeerError as e:
+                    failed = e
+                    break
+                piece_grad = piece_grad.to(grad.dtype)
+            if failed is None:
+                return piece_grad
+            await attempts.failed(failed, failed.peer)
+            _, pieces = await self.forward_blocks(hop_input, position_ids, mask, hop.start, hop.end)
 
     def close(self) -> None:
         try:
@@ -74,6 +139,27 @@ class RemoteSequential:
             pass
         self.loop.stop()
         shutdown_dht(self.dht)
+
+
+class Attempts:
+    """Counts failed attempts of one piece of work: bans the failing peer, waits an exponential
+    backoff from the second failure in a row on, and raises after `max_retries` retries."""
+
+    def __init__(self, remote: RemoteSequential, what: str):
+        self.remote, self.what, self.failures = remote, what, 0
+
+    async def failed(self, error: Exception, peer_id: Optional[str] = None) -> None:
+        config, bans = self.remote.config, self.remote.bans
+        if isinstance(error, MissingBlocksError) and not bans.banned():
+            raise error  # nobody serves these blocks at all: retrying would not help
+        self.failures += 1
+        if peer_id is not None:
+            duration = bans.ban(peer_id)
+            logger.warning(f"{self.what}: {error}; leaving peer {peer_id} out of routes for {duration:.0f} s")
+        if self.failures > config.max_retries:
+            raise SwarmError(f"{self.what} failed after {self.failures} attempts; last error: {error}") from error
+        if self.failures > 1:
+            await asyncio.sleep(min(config.retry_backoff * 2 ** (self.failures - 2), config.max_backoff))
 
 
 class _RemoteChain(torch.autograd.Function):
@@ -85,7 +171,5 @@ class _RemoteChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = grad_output.contiguous()
-        for hop, hop_input in reversed(ctx.hops):
-            grad = ctx.remote.backward_hop(hop, hop_input, grad, ctx.position_ids, ctx.attention_mask).to(grad.dtype)
+        grad = ctx.remote.run_backward(ctx.hops, grad_output.contiguous(), ctx.position_ids, ctx.attention_mask)
         return grad, None, None, None

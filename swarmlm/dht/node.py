@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from functools import partial
+
 import hivemind
 
 from swarmlm.dht.registry import make_validators
@@ -24,7 +28,20 @@ def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=Non
         kwargs["announce_maddrs"] = list(announce_maddrs)
     if identity_path:
         kwargs["identity_path"] = identity_path
-    return hivemind.DHT(**kwargs)
+    dht = hivemind.DHT(**kwargs)
+    dht.run_coroutine(partial(_exit_with_parent, parent_pid=os.getpid()), return_future=True)
+    return dht
+
+
+async def _exit_with_parent(dht: hivemind.DHT, node, *, parent_pid: int, period: float = 0.5) -> None:
+    """Runs inside the DHT process: when the process that started it dies (even by SIGKILL), stop
+    the node and its p2p daemon, so a crashed peer leaves no orphan and its streams close at once."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(period)
+    try:
+        await asyncio.wait_for(node.shutdown(), timeout=5)
+    finally:
+        os._exit(0)
 
 
 def shutdown_dht(dht: hivemind.DHT, timeout: float = 5.0) -> None:

@@ -49,6 +49,15 @@ class StepResult(_Wire):
     position: int = Field(ge=0)  # tokens the peer holds after this step
 
 
+class PeerInfo(_Wire):
+    """A peer's live state, answered by rpc_info (also the client's latency probe)."""
+
+    start: int = Field(ge=0)  # first block served (inclusive)
+    end: int = Field(ge=1)  # last block served (exclusive)
+    free_cache_tokens: int = Field(ge=0)  # KV-cache tokens not reserved by open sessions
+    accepting_sessions: bool  # False while the peer shuts down or moves to other blocks
+
+
 class SpanService(ServicerBase):
     """The RPC interface of a peer; `swarmlm.peer.handler.SpanHandler` implements it.
 
@@ -81,6 +90,10 @@ class SpanService(ServicerBase):
         """SpanRequest(max_length, batch_size), then per step [hidden, position_ids, (mask)] + InferenceStep"""
         raise NotImplementedError
         yield
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """(empty request) -> PeerInfo in metadata; cheap, so clients also use it to measure round-trip time"""
+        raise NotImplementedError
 
 
 def pack(meta: _Wire) -> bytes:
@@ -164,6 +177,7 @@ def check_response(peer: str, response: runtime_pb2.ExpertResponse) -> runtime_p
 __all__ = [
     "CacheBudgetError",
     "InferenceStep",
+    "PeerInfo",
     "SpanRequest",
     "StepResult",
     "deserialize_bounded",

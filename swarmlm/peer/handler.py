@@ -20,6 +20,7 @@ from hivemind.proto import runtime_pb2
 from swarmlm.errors import RequestError
 from swarmlm.experts.protocol import (
     InferenceStep,
+    PeerInfo,
     SpanRequest,
     SpanService,
     StepResult,
@@ -164,6 +165,13 @@ class SpanHandler(SpanService):
             output = self.span(hidden, position_ids, mask, first=first, last=last)
             (grad_input,) = torch.autograd.grad(output, hidden, grad)
         return grad_input.float()
+
+    # ---- live state ----------------------------------------------------------------------------------
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        info = PeerInfo(start=self.span.start, end=self.span.end, free_cache_tokens=max(self.budget.free_tokens, 0),
+                        accepting_sessions=self.accepting_sessions)
+        return runtime_pb2.ExpertResponse(metadata=pack(info))
 
     # ---- inference sessions (server-side KV cache) -------------------------------------------------
 

@@ -1,0 +1,63 @@
+"""What the client learns about peers as it uses them: round-trip times and temporary bans."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterable
+
+
+class PeerLatencies:
+    """Exponentially averaged round-trip time per peer, in seconds (from rpc_info probes)."""
+
+    def __init__(self, smoothing: float = 0.3):
+        self.smoothing = smoothing
+        self._rtt: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def update(self, peer_id: str, rtt: float) -> None:
+        with self._lock:
+            old = self._rtt.get(peer_id)
+            self._rtt[peer_id] = rtt if old is None else (1 - self.smoothing) * old + self.smoothing * rtt
+
+    def get(self, peer_id: str, default: float) -> float:
+        return self._rtt.get(peer_id, default)
+
+    def known(self) -> set[str]:
+        return set(self._rtt)
+
+    def unknown(self, peer_ids: Iterable[str]) -> list[str]:
+        return [p for p in peer_ids if p not in self._rtt]
+
+
+class PeerBans:
+    """Peers that failed recently are left out of routes for a while.
+
+    The n-th consecutive failure of a peer bans it for `base * 2 ** (n - 1)` seconds (at most
+    `max_duration`); a success clears its record.
+    """
+
+    def __init__(self, base: float, max_duration: float):
+        self.base, self.max_duration = base, max_duration
+        self._failures: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def ban(self, peer_id: str) -> float:
+        """Bans `peer_id`; returns the ban's duration in seconds."""
+        with self._lock:
+            failures = self._failures.get(peer_id, 0) + 1
+            self._failures[peer_id] = failures
+            duration = min(self.base * 2 ** (failures - 1), self.max_duration)
+            self._until[peer_id] = time.monotonic() + duration
+            return duration
+
+    def clear(self, peer_id: str) -> None:
+        with self._lock:
+            self._failures.pop(peer_id, None)
+            self._until.pop(peer_id, None)
+
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        with self._lock:
+            return frozenset(p for p, until in self._until.items() if until > now)

@@ -1,0 +1,1 @@
+"""The volunteer peer daemon: choose blocks, load their weights, serve RPCs, announce, rebalance."""

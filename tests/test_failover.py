@@ -1,0 +1,174 @@
+"""Peers die mid-request (SIGKILL, no goodbye): the client fails over and the results still match
+the local model exactly. Every killed peer is restarted (new peer id) before the next test."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from conftest import running_swarm
+from swarm_processes import start_peer
+from swarmlm.models.embedded import DEFAULT_MODEL
+
+SPANS = ["0:4", "0:4", "4:8", "4:8", "2:6"]  # every block has at least 2 peers; 2:6 overlaps both halves
+PEER_ARGS = ("--throughput", "1000", "--update-period", "5")  # equal throughput: routes follow RTT and hop count
+NEW_TOKENS = 24
+
+
+class Replicas:
+    """The module's peers by peer id; kills them and restarts the killed ones with the same span."""
+
+    def __init__(self, dht_maddr: str, peers):
+        self.dht_maddr = dht_maddr
+        self.peers = {_peer_id(p): (p, span) for p, span in zip(peers, SPANS)}
+        self.killed: list[str] = []
+
+    def kill(self, peer_id: str) -> str:
+        self.peers[peer_id][0].terminate(signal.SIGKILL)
+        self.killed.append(peer_id)
+        return peer_id
+
+    def kill_serving(self, route, block: int) -> str:
+        return self.kill(next(hop.peer_id for hop in route if hop.start <= block < hop.end))
+
+    def heal(self) -> None:
+        spans = [self.peers.pop(peer_id)[1] for peer_id in self.killed]
+        self.killed.clear()
+        fresh = [start_peer(DEFAULT_MODEL, self.dht_maddr, "--blocks", span, *PEER_ARGS) for span in spans]
+        for process, span in zip(fresh, spans):
+            process.wait_ready()
+            self.peers[_peer_id(process)] = (process, span)
+
+    def close(self) -> None:
+        for process, _ in self.peers.values():
+            process.terminate()
+
+
+def _peer_id(process) -> str:
+    return process.maddrs[0].rsplit("/p2p/", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_model_path):
+    with running_swarm(DEFAULT_MODEL, SPANS, *PEER_ARGS) as (dht, peers):
+        replicas = Replicas(dht.maddrs[0], peers)
+        try:
+            yield replicas
+        finally:
+            replicas.close()
+
+
+@pytest.fixture(scope="module")
+def client(replicas):
+    from swarmlm import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=[replicas.dht_maddr],
+                                                            request_timeout=15.0)
+    yield model
+    model.close()
+
+
+@pytest.fixture(autouse=True)
+def healed(replicas):
+    replicas.heal()
+    yield replicas
+
+
+class KillAtStep(LogitsProcessor):
+    """Kills the peer serving `block` when generate() has produced `step` tokens (0 = after the prefill)."""
+
+    def __init__(self, replicas: Replicas, session, step: int, block: int):
+        self.replicas, self.session, self.step, self.block = replicas, session, step, block
+        self.calls, self.victim = 0, None
+
+    def __call__(self, input_ids, scores):
+        if self.calls == self.step:
+            self.victim = self.replicas.kill_serving(self.session.route, self.block)
+        self.calls += 1
+        return scores
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return tokenizer("The import statement", return_tensors="pt")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def expected(local_model, prompt_ids):
+    return local_model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+@pytest.mark.parametrize("step,block", [(0, 1), (NEW_TOKENS // 2, 6), (NEW_TOKENS - 2, 1)],
+                         ids=["first-step", "middle", "last-step"])
+def test_generation_survives_a_killed_peer(client, replicas, prompt_ids, expected, step, block):
+    with client.inference_session(max_length=prompt_ids.shape[1] + NEW_TOKENS) as session:
+        killer = KillAtStep(replicas, session, step, block)
+        output = client.generate(prompt_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                 session=session, logits_processor=LogitsProcessorList([killer]))
+        assert killer.victim is not None
+        assert killer.victim not in {hop.peer_id for hop in session.route}
+        assert session.failovers >= 1
+    assert output.tolist() == expected.tolist()
+
+
+def test_generation_survives_a_peer_killed_before_the_prefill(client, replicas, prompt_ids, expected):
+    with client.inference_session(max_length=prompt_ids.shape[1] + NEW_TOKENS) as session:
+        open_route, victims = session._open, []
+
+        async def open_then_kill(start, end):
+            hops = await open_route(start, end)
+            if not victims:  # the chosen peer dies after the session was requested, before any step
+                victims.append(replicas.kill_serving([hop.route for hop in hops], 5))
+            return hops
+
+        session._open = open_then_kill
+        output = client.generate(prompt_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                 session=session)
+        assert victims and session.failovers >= 1
+    assert output.tolist() == expected.tolist()
+
+
+def test_forward_and_backward_survive_a_peer_killed_between_them(client, local_model, replicas, tokenizer):
+    batch = tokenizer(["Python supports several kinds of", "A class definition"], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    remote, forward_routes = client.remote, []
+    run_chain = remote.run_chain
+
+    def recording_run_chain(*args):
+        output, hops = run_chain(*args)
+        forward_routes.append([hop for hop, _ in hops])
+        return output, hops
+
+    def grads(model, after_forward=lambda: None):
+        model.zero_grad(set_to_none=True)
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=labels).loss
+        after_forward()
+        loss.backward()
+        return loss.detach(), embeds.grad
+
+    remote.run_chain = recording_run_chain
+    try:
+        with torch.enable_grad():
+            remote_loss, remote_grad = grads(client, lambda: replicas.kill_serving(forward_routes[-1], 6))
+            local_loss, local_grad = grads(local_model)
+    finally:
+        del remote.run_chain
+    assert len(replicas.killed) == 1
+    torch.testing.assert_close(remote_loss, local_loss, atol=1e-5, rtol=0)
+    rel = (remote_grad - local_grad).norm() / local_grad.norm()
+    assert rel < 1e-3, f"input-embedding gradient relative error {rel:.2e}"
+
+
+def test_a_clear_error_when_every_replica_is_gone(client, replicas, prompt_ids):
+    """With no live peer left for some blocks, the client gives up after bounded retries."""
+    from swarmlm.errors import SwarmError
+
+    for peer_id, (_, span) in list(replicas.peers.items()):
+        if span in ("4:8", "2:6"):
+            replicas.kill(peer_id)
+    with pytest.raises(SwarmError, match="failed after .* attempts"):
+        client.generate(prompt_ids, max_new_tokens=4, do_sample=False)
