@@ -82,7 +82,9 @@ def cmd_peer(args) -> int:
         public_name=args.public_name, device=args.device, torch_dtype=args.torch_dtype, num_threads=args.num_threads,
         max_cache_tokens=args.max_cache_tokens, max_batch_size=args.max_batch_size,
         request_timeout=args.request_timeout, session_timeout=args.session_timeout,
-        update_period=args.update_period, throughput=args.throughput,
+        update_period=args.update_period, throughput=args.throughput, balance_period=args.balance_period,
+        balance_margin=args.balance_margin,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )
     peer = Peer(config)
     stop = threading.Event()
@@ -91,6 +93,8 @@ def cmd_peer(args) -> int:
     try:
         _print_maddrs(peer.start_dht())
         peer.start()
+        if peer.metrics_url:
+            print(f"METRICS {peer.metrics_url}", flush=True)
         print(f"{READY_LINE} blocks {peer.span.start}:{peer.span.end} of {peer.model_name}", flush=True)
         while not stop.wait(1.0):
             pass
@@ -120,6 +124,89 @@ def cmd_generate(args) -> int:
     finally:
         model.close()
     return 0
+
+
+def cmd_train(args) -> int:
+    """Trains with the swarm; prints multiaddrs, READY, one EPOCH line per epoch and a final DONE {json} line."""
+    import json
+
+    import torch
+
+    from swarmlm.dht.node import create_dht, shutdown_dht
+    from swarmlm.training.config import DataConfig, TrainConfig
+    from swarmlm.training.data import prepare_data
+    from swarmlm.training.lifetime import children_die_with_this_process
+    from swarmlm.training.model import build_model
+    from swarmlm.training.pretrain import Trainer
+
+    if not args.new_swarm and not args.initial_peers:
+        raise ValueError("give --initial-peers MADDR ... to join a training run, or --new-swarm to start one")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    data_config = DataConfig(
+        sources=tuple(args.data), text_column=args.text_column, seq_len=args.seq_len, min_doc_chars=args.min_doc_chars,
+        val_fraction=args.val_fraction, max_val_samples=args.max_val_samples, num_shards=args.num_shards,
+        shard_index=args.shard_index, seed=args.seed,
+    )
+    config = TrainConfig(
+        run_id=args.run_id, model=args.model, data=data_config, num_layers=args.num_layers, seed=args.seed,
+        batch_size=args.batch_size, target_batch_size=args.target_batch_size, epochs=args.epochs,
+        min_peers=args.min_peers, lr=args.lr,
+        weight_decay=args.weight_decay, local_updates=args.local_updates,
+        average_state_every=args.average_state_every, matchmaking_time=args.matchmaking_time,
+        averaging_timeout=args.averaging_timeout, save_dir=args.save, save_every=args.save_every,
+        show_progress=not args.no_progress,
+    )
+    starting = build_model(config.model, config.seed, config.num_layers)
+    data = prepare_data(data_config, starting.tokenizer)
+    logging.getLogger("swarmlm").info(f"Data: {data.stats}")
+    dht = create_dht([] if args.new_swarm else args.initial_peers, args.host_maddrs, args.announce_maddrs,
+                     args.identity_path, use_nat_port_map=args.use_nat_port_map)
+    children_die_with_this_process()  # the optimizer's averager processes, forked later, die with this trainer
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def print_epoch(stats) -> None:
+        print(f"EPOCH {stats.epoch} train_loss={stats.train_loss:.4f} val_loss={stats.val_loss:.4f} "
+              f"val_ppl={stats.val_perplexity:.2f} peers={stats.num_peers} "
+              f"samples_per_s={stats.swarm_samples_per_second:.1f} rounds_ok={sum(stats.averaging['completed'].values())} "
+              f"rounds_failed={sum(stats.averaging['failed'].values())}", flush=True)
+
+    try:
+        _print_maddrs(dht.get_visible_maddrs())
+        print(f"{READY_LINE} run {config.run_id} shard {data_config.shard_index}/{data_config.num_shards} "
+              f"({len(data.shard)} of {len(data.train)} samples)", flush=True)
+        result = Trainer(config, dht, starting, data, on_epoch=print_epoch, stop=stop).run()
+        summary = {key: value for key, value in result.to_dict().items() if key != "epochs"}
+        print("DONE " + json.dumps(summary), flush=True)
+    finally:
+        shutdown_dht(dht)
+    return 0
+
+
+def cmd_health(args) -> int:
+    """Prints which peers serve each block of each model (exit 1 on a gap), or serves it as a web page."""
+    import json
+
+    from swarmlm.dht.node import create_dht, shutdown_dht
+    from swarmlm.monitoring.health import collect_report, render_text
+
+    dht = create_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    try:
+        if args.serve:
+            from swarmlm.monitoring.page import serve_health_page
+
+            with serve_health_page(dht, args.model, args.host, args.port, args.refresh) as page:
+                print(f"{page.url}/", flush=True)
+                print(READY_LINE, flush=True)
+                _wait_for_signal()
+            return 0
+        report = collect_report(dht, args.model)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else render_text(report), flush=True)
+        return 0 if report.healthy else 1
+    finally:
+        shutdown_dht(dht)
 
 
 def cmd_demo(args) -> int:
@@ -161,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-timeout", type=float, default=300.0, help="idle seconds before a session is closed")
     p.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
     p.add_argument("--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)")
+    p.add_argument("--balance-period", type=float, default=120.0,
+                   help="with --num-blocks: seconds between checks whether moving would help the swarm")
+    p.add_argument("--balance-margin", type=float, default=0.2,
+                   help="move only if the swarm's weakest block gets this much faster (0.2 = 20%%)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; printed as METRICS URL)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics listens (0.0.0.0: scrapable remotely)")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("generate", help="generate text through a running swarm")
@@ -172,6 +266,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dht-prefix", default=None)
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="pretrain a model together with the swarm (data-parallel, hivemind.Optimizer)")
+    p.add_argument("--run-id", required=True, help="name of the training run: trainers with the same id train together")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="embedded model name (fresh seeded weights), checkpoint directory or config.json path")
+    p.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
+    _network_args(p)
+    p.add_argument("--num-layers", type=int, default=None, help="fresh models: override the number of layers")
+    p.add_argument("--seed", type=int, default=0, help="weights of a fresh model and the shard's sample order")
+    p.add_argument("--data", nargs="+", default=[],
+                   help="text files, directories of text files or a datasets.save_to_disk directory "
+                        "(default: Python's built-in help text)")
+    p.add_argument("--text-column", default="text", help="the text column of a datasets directory")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training sample")
+    p.add_argument("--min-doc-chars", type=int, default=64, help="drop documents shorter than this after cleaning")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for validation")
+    p.add_argument("--max-val-samples", type=int, default=64, help="held-out samples evaluated every epoch")
+    p.add_argument("--num-shards", type=int, default=1, help="split the training samples into N disjoint shards")
+    p.add_argument("--shard-index", type=int, default=0, help="train on shard K (sample i is in shard i %% N)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per local step")
+    p.add_argument("--target-batch-size", type=int, default=256, help="samples the whole swarm processes per epoch")
+    p.add_argument("--epochs", type=int, default=10, help="stop when the swarm reaches this epoch")
+    p.add_argument("--min-peers", type=int, default=1, help="wait for this many trainers before the first step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--local-updates", action="store_true",
+                   help="DiLoCo-style: update locally every step, average parameters every --average-state-every epochs")
+    p.add_argument("--average-state-every", type=int, default=1,
+                   help="average parameters and Adam statistics every N epochs (--epochs must be a multiple)")
+    p.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to wait for peers to form a group")
+    p.add_argument("--averaging-timeout", type=float, default=60.0, help="abandon an averaging round after this")
+    p.add_argument("--save", default=None, metavar="DIR", help="write the final checkpoint here (served by `peer`)")
+    p.add_argument("--save-every", type=int, default=0, help="also save every N epochs (0: only at the end)")
+    p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("health", help="show which peers serve each block of each model; exit 1 if blocks are missing")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm members")
+    p.add_argument("--model", nargs="*", default=None, help="models to check (default: all registered in the DHT)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--serve", action="store_true", help="serve a self-refreshing web page instead of printing")
+    p.add_argument("--host", default="127.0.0.1", help="with --serve: where the page listens")
+    p.add_argument("--port", type=int, default=8080, help="with --serve: the page's port (0: any free port)")
+    p.add_argument("--refresh", type=float, default=5.0, help="with --serve: seconds between page refreshes")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("demo", help="run a whole local swarm on the embedded model and generate through it")
     p.add_argument("--model", default=DEFAULT_MODEL)

@@ -21,3 +21,43 @@ def test_offline_peers_do_not_count():
                [rec("b", ServerState.OFFLINE, 2, 4)], [rec("b", ServerState.OFFLINE, 2, 4)]]
     assert block_throughputs(records) == [10.0, 10.0, 0, 0]
     assert choose_span(block_throughputs(records), 2) == (2, 4)
+
+
+def _swarm(*spans, num_blocks=8, throughput=10.0, movable=True):
+    """Records per block for peers "p0", "p1", ... serving `spans` (ONLINE)."""
+    records = [[] for _ in range(num_blocks)]
+    for i, (start, end) in enumerate(spans):
+        record = ServerRecord(peer_id=f"p{i}", state=ServerState.ONLINE, start=start, end=end, throughput=throughput,
+                              free_cache_tokens=0, max_cache_tokens=0, version="0", torch_dtype="float32",
+                              movable=movable)
+        for block in range(start, end):
+            records[block].append(record)
+    return records
+
+
+def test_a_peer_moves_to_close_a_gap_without_opening_another():
+    from swarmlm.peer.rebalancing import plan_move
+
+    move = plan_move(_swarm((0, 4), (0, 4)), margin=0.2)
+    assert (move.peer_id, move.start, move.end, move.covered_blocks) == ("p0", 4, 8, 8)
+    move = plan_move(_swarm((0, 4), (2, 6)), margin=0.2)  # p1 slides right: blocks 2:4 stay with p0
+    assert (move.peer_id, move.start, move.end) == ("p1", 4, 8)
+    assert plan_move(_swarm((0, 4), (4, 7)), margin=0.2) is None  # closing block 7 would uncover block 4
+
+
+def test_balanced_swarms_stay_put_and_pinned_peers_never_move():
+    from swarmlm.peer.rebalancing import plan_move
+
+    assert plan_move(_swarm((0, 4), (4, 8), (0, 4)), margin=0.2) is None  # a move cannot raise the bottleneck
+    assert plan_move(_swarm((0, 4), (0, 4), movable=False), margin=0.2) is None
+
+
+def test_hysteresis_needs_a_clear_gain():
+    from swarmlm.peer.rebalancing import plan_move
+
+    # blocks 4:8 have 2 peers, 0:4 have 3 -> moving one 0:4 peer makes 0:4 have 2 and 4:8 have 3: bottleneck same
+    assert plan_move(_swarm((0, 4), (0, 4), (0, 4), (4, 8), (4, 8)), margin=0.2) is None
+    # blocks 4:8 have 1 peer, 0:4 have 3: a move doubles the bottleneck (10 -> 20 tokens/s)
+    move = plan_move(_swarm((0, 4), (0, 4), (0, 4), (4, 8)), margin=0.2)
+    assert (move.start, move.end, move.bottleneck) == (4, 8, 20.0)
+    assert plan_move(_swarm((0, 4), (0, 4), (0, 4), (4, 8)), margin=1.5) is None

@@ -34,6 +34,7 @@ class ServerRecord(BaseModel):
     version: str = Field(max_length=32)  # swarmlm version of the peer
     torch_dtype: str = Field(max_length=16)  # dtype the blocks compute in
     public_name: Optional[str] = Field(default=None, max_length=64)  # optional human-readable name
+    movable: bool = False  # the peer chose its blocks (--num-blocks) and may move to where the swarm is weak
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> "ServerRecord":
@@ -43,13 +44,13 @@ class ServerRecord(BaseModel):
 
     def to_wire(self) -> tuple:
         return (self.peer_id, int(self.state), self.start, self.end, self.throughput, self.free_cache_tokens,
-                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name)
+                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name, self.movable)
 
     @classmethod
     def from_wire(cls, wire: Any) -> "ServerRecord":
         """Parses a wire tuple; raises ValueError on anything malformed."""
-        if not isinstance(wire, (list, tuple)) or len(wire) != 10:
-            raise ValueError(f"a ServerRecord is a 10-tuple, got {type(wire).__name__}")
+        if not isinstance(wire, (list, tuple)) or len(wire) not in (10, 11):
+            raise ValueError(f"a ServerRecord is a 10- or 11-tuple, got {type(wire).__name__}")
         names = list(cls.model_fields)
         values = dict(zip(names, wire))
         if isinstance(values["state"], int) and not isinstance(values["state"], bool):

@@ -1,13 +1,14 @@
-"""Announce and look up span records over hivemind.DHT."""
+"""Announce and look up span records and the model registry over hivemind.DHT."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from swarmlm.dht.records import SPAN_SUBKEY_TAG, ServerRecord, ServerState, block_key
 from swarmlm.dht.validation import SpanRecordValidator
@@ -77,3 +78,75 @@ async def _fetch(dht: hivemind.DHT, node, *, model: str, num_blocks: int, latest
 
 def online(records: Sequence[ServerRecord]) -> list[ServerRecord]:
     return [r for r in records if r.state == ServerState.ONLINE]
+
+
+# ---- model registry: which models the swarm serves, and how many blocks each has ----------------
+
+MODELS_KEY = "swarmlm.models"  # one DHT key for all models; subkey = the model's DHT name
+MAX_MODEL_NAME_LENGTH = 256
+
+
+class ModelRecord(BaseModel):
+    """What a peer tells the swarm about the model it serves (stored under MODELS_KEY, subkey = model name).
+
+    Every peer of the model writes the same value; the latest write wins. Unsigned: readers must
+    treat it as a hint and parse it with `from_wire` (never trust its shape).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    num_blocks: int = Field(ge=1, le=100_000)  # decoder blocks of the whole model
+    family: str = Field(min_length=1, max_length=32)  # HF config.model_type of the family, e.g. "llama"
+
+    def to_wire(self) -> tuple:
+        return (self.num_blocks, self.family)
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> "ModelRecord":
+        """Parses a wire tuple; raises ValueError on anything malformed."""
+        if not isinstance(wire, (list, tuple)) or len(wire) != 2:
+            raise ValueError(f"a ModelRecord is a 2-tuple, got {type(wire).__name__}")
+        try:
+            return cls.model_validate(dict(zip(cls.model_fields, wire)))
+        except ValidationError as e:
+            raise ValueError(str(e)) from None
+
+
+def declare_model(dht: hivemind.DHT, model: str, record: ModelRecord, expiration_time: float, wait: bool = True):
+    """Registers `model` in the swarm's model registry until `expiration_time`."""
+    store = partial(_store_model, model=model, value=record.to_wire(), expiration_time=expiration_time)
+    return dht.run_coroutine(store, return_future=not wait)
+
+
+async def _store_model(dht: hivemind.DHT, node, *, model: str, value: tuple, expiration_time: float) -> bool:
+    return await node.store(MODELS_KEY, value, expiration_time, subkey=model)
+
+
+def fetch_models(dht: hivemind.DHT) -> dict[str, ModelRecord]:
+    """The unexpired, well-formed entries of the model registry: {model name: ModelRecord}."""
+    return dht.run_coroutine(_fetch_models)
+
+
+async def _fetch_models(dht: hivemind.DHT, node) -> dict[str, ModelRecord]:
+    found = await node.get(MODELS_KEY, latest=True)
+    models: dict[str, ModelRecord] = {}
+    if found is None or not isinstance(found.value, dict):
+        return models
+    now = get_dht_time()
+    for name, item in found.value.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LENGTH or item.expiration_time < now:
+            continue
+        try:
+            models[name] = ModelRecord.from_wire(item.value)
+        except ValueError:
+            continue
+    return models
+
+
+def count_dht_peers(dht: hivemind.DHT) -> int:
+    """How many DHT peers this node knows: the nodes in its Kademlia routing table's buckets."""
+    return dht.run_coroutine(_count_dht_peers)
+
+
+async def _count_dht_peers(dht: hivemind.DHT, node) -> int:
+    return sum(len(bucket.nodes_to_peer_id) for bucket in node.protocol.routing_table.buckets)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import Callable, Optional
 
 from swarmlm.errors import CacheBudgetError
 
 
 class CacheBudget:
-    def __init__(self, max_tokens: int):
+    def __init__(self, max_tokens: int, on_change: Optional[Callable[[], None]] = None):
         self.max_tokens = max_tokens
+        self.on_change = on_change  # called after every reserve and release (e.g. to re-announce)
         self._used = 0
         self._lock = threading.Lock()
 
@@ -26,11 +28,17 @@ class CacheBudget:
                     f"{self.max_tokens - self._used} of {self.max_tokens} are free; retry later or use another peer"
                 )
             self._used += tokens
+        self._changed()
         return Reservation(self, tokens)
 
     def _release(self, tokens: int) -> None:
         with self._lock:
             self._used -= tokens
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
 
 class Reservation:

@@ -30,8 +30,12 @@ class PeerConfig:
     request_timeout: float = 60.0  # seconds one forward/backward/inference step may take
     session_timeout: float = 300.0  # an inference session idle this long is closed, its cache freed
     update_period: float = 30.0  # seconds between DHT announcements (records expire after 2x)
+    balance_period: float = 120.0  # with num_blocks: seconds (+-50% jitter) between checks whether to move
+    balance_margin: float = 0.2  # move only if the swarm's weakest block gets this much faster (0.2 = +20%)
     throughput: Optional[float] = None  # announced tokens/s per block (default: measured at start)
     startup_timeout: float = 60.0  # seconds to wait for the p2p daemon to start
+    metrics_port: Optional[int] = None  # serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port)
+    metrics_host: str = "127.0.0.1"  # where the metrics endpoint listens (0.0.0.0 to let other machines scrape)
 
     def __post_init__(self):
         if (self.blocks is None) == (self.num_blocks is None):
@@ -42,3 +46,5 @@ class PeerConfig:
             raise ValueError(f"invalid blocks {self.blocks[0]}:{self.blocks[1]}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must lie in [0, 65535], got {self.metrics_port}")

@@ -31,6 +31,8 @@ from swarmlm.experts.protocol import (
     unpack,
 )
 from swarmlm.experts.span import BlockSpan
+from swarmlm.monitoring.metrics import PeerMetrics
+from swarmlm.monitoring.rpc_tap import metered
 from swarmlm.peer.cache_budget import CacheBudget
 
 logger = logging.getLogger(__name__)
@@ -52,9 +54,10 @@ class SpanHandler(SpanService):
     """Serves blocks [span.start, span.end) of `model`; requests may use any sub-span of it."""
 
     def __init__(self, span: BlockSpan, model: str, limits: Limits, budget: CacheBudget, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, metrics: Optional[PeerMetrics] = None):
         self.span, self.model, self.limits, self.budget = span, model, limits, budget
         self.dtype, self.device = dtype, device
+        self.metrics = metrics if metrics is not None else PeerMetrics()  # default: private, never exported
         # torch's intra-op thread count is per thread under OpenMP: carry the process setting over
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-compute", initializer=torch.set_num_threads,
                                           initargs=(torch.get_num_threads(),))
@@ -63,16 +66,17 @@ class SpanHandler(SpanService):
 
     # ---- validation of remote input -------------------------------------------------------------
 
-    def _check_span(self, request: SpanRequest) -> tuple[int, int]:
-        """Returns the requested blocks relative to this peer's span."""
+    def _check_span(self, request: SpanRequest, span: BlockSpan) -> tuple[int, int]:
+        """Returns the requested blocks relative to `span` (the peer's span when the request came;
+        a request keeps using it even if the peer moves meanwhile)."""
         if request.model != self.model:
             raise RequestError(f"this peer serves model {self.model!r}, not {request.model!r}")
-        if not self.span.start <= request.start < request.end <= self.span.end:
+        if not span.start <= request.start < request.end <= span.end:
             raise RequestError(
                 f"blocks {request.start}:{request.end} of {self.model} are not served here "
-                f"(this peer serves {self.span.start}:{self.span.end})"
+                f"(this peer serves {span.start}:{span.end})"
             )
-        return request.start - self.span.start, request.end - self.span.start
+        return request.start - span.start, request.end - span.start
 
     def _tensor(self, proto: runtime_pb2.Tensor, what: str, max_elements: int) -> torch.Tensor:
         return deserialize_bounded(proto, max_elements, what)
@@ -129,40 +133,44 @@ class SpanHandler(SpanService):
 
     # ---- forward / backward (stateless) ------------------------------------------------------------
 
+    @metered("forward")
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             request = await _first(requests, self.limits.request_timeout)
-            first, last = self._check_span(unpack(request.metadata, SpanRequest))
+            span = self.span
+            first, last = self._check_span(unpack(request.metadata, SpanRequest), span)
             hidden, _, position_ids, mask = self._parse_inputs(request.tensors)
-            output = await self._run(self._forward, hidden, position_ids, mask, first, last)
+            output = await self._run(self._forward, span, hidden, position_ids, mask, first, last)
             yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
         except Exception as e:
             yield self._error(e, "forward", context)
         await _drain(requests)
 
-    def _forward(self, hidden, position_ids, mask, first, last):
+    def _forward(self, span, hidden, position_ids, mask, first, last):
         with torch.inference_mode():
-            return self.span(hidden, position_ids, mask, first=first, last=last).float()
+            return span(hidden, position_ids, mask, first=first, last=last).float()
 
+    @metered("backward")
     async def rpc_backward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             request = await _first(requests, self.limits.request_timeout)
-            first, last = self._check_span(unpack(request.metadata, SpanRequest))
+            span = self.span
+            first, last = self._check_span(unpack(request.metadata, SpanRequest), span)
             hidden, grad, position_ids, mask = self._parse_inputs(request.tensors, expect_grad=True)
-            grad_input = await self._run(self._backward, hidden, grad, position_ids, mask, first, last)
+            grad_input = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last)
             yield runtime_pb2.ExpertResponse(tensors=[serialize(grad_input)])
         except Exception as e:
             yield self._error(e, "backward", context)
         await _drain(requests)
 
-    def _backward(self, hidden, grad, position_ids, mask, first, last):
+    def _backward(self, span, hidden, grad, position_ids, mask, first, last):
         with torch.enable_grad():
             hidden = hidden.detach().requires_grad_(True)
-            output = self.span(hidden, position_ids, mask, first=first, last=last)
+            output = span(hidden, position_ids, mask, first=first, last=last)
             (grad_input,) = torch.autograd.grad(output, hidden, grad)
         return grad_input.float()
 
@@ -175,6 +183,7 @@ class SpanHandler(SpanService):
 
     # ---- inference sessions (server-side KV cache) -------------------------------------------------
 
+    @metered("inference")
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -186,7 +195,8 @@ class SpanHandler(SpanService):
         reservation = None
         try:
             open_request = unpack((await _first(requests, self.limits.session_timeout)).metadata, SpanRequest)
-            first, last = self._check_span(open_request)
+            span = self.span
+            first, last = self._check_span(open_request, span)
             max_length, batch = open_request.max_length, open_request.batch_size
             if max_length is None or batch is None:
                 raise RequestError("an inference session needs max_length and batch_size")
@@ -196,11 +206,11 @@ class SpanHandler(SpanService):
                     f"(batch <= {self.limits.max_batch_size}, max_length <= {self.limits.max_session_length})"
                 )
             if not self.accepting_sessions:
-                raise RequestError("this peer is shutting down and takes no new sessions")
+                raise RequestError("this peer is shutting down or moving to other blocks; it takes no new sessions")
             reservation = self.budget.reserve(batch * max_length)
             self.active_sessions += 1
             yield runtime_pb2.ExpertResponse(metadata=pack(StepResult(position=0)))
-            session = _Session(cache=self.span.new_cache(first, last), first=first, last=last, batch=batch,
+            session = _Session(span=span, cache=span.new_cache(first, last), first=first, last=last, batch=batch,
                                max_length=max_length)
             iterator = requests.__aiter__()
             while True:
@@ -243,7 +253,7 @@ class SpanHandler(SpanService):
                 old = session.mask if session.mask is not None else torch.ones(session.batch, position, dtype=torch.bool)
                 new = new_mask if new_mask is not None else torch.ones(session.batch, seq, dtype=torch.bool)
                 session.mask = torch.cat([old, new], dim=1)
-            output = self.span(hidden, position_ids, session.mask, session.cache, first=session.first, last=session.last)
+            output = session.span(hidden, position_ids, session.mask, session.cache, first=session.first, last=session.last)
             session.length = position + seq
             return output.float()
 
@@ -262,6 +272,7 @@ class SpanHandler(SpanService):
 
 @dataclass
 class _Session:
+    span: BlockSpan  # the span the session was opened on (kept if the peer moves meanwhile)
     cache: object
     first: int
     last: int

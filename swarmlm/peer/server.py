@@ -8,6 +8,7 @@ finish (bounded) and stops.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from typing import Optional
@@ -20,14 +21,24 @@ from transformers import AutoConfig
 from swarmlm import __version__
 from swarmlm.dht.records import ServerRecord, ServerState, record_expiration
 from swarmlm.dht.node import create_dht, shutdown_dht
-from swarmlm.dht.registry import declare_span, fetch_block_records, make_validators
+from swarmlm.dht.registry import (
+    ModelRecord,
+    count_dht_peers,
+    declare_model,
+    declare_span,
+    fetch_block_records,
+    make_validators,
+)
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
 from swarmlm.models.checkpoint import load_tensors, resolve_model
+from swarmlm.monitoring.http_service import HttpService, serve_metrics
+from swarmlm.monitoring.metrics import PeerMetrics
 from swarmlm.peer.block_selection import block_throughputs, choose_span
 from swarmlm.peer.cache_budget import CacheBudget
 from swarmlm.peer.config import PeerConfig
 from swarmlm.peer.handler import Limits, SpanHandler
+from swarmlm.peer.rebalancing import plan_move
 from swarmlm.peer.throughput import measure_throughput
 from swarmlm.utils.aio import LoopThread
 
@@ -47,8 +58,13 @@ class Peer:
         self._validators = make_validators()
         self._loop: Optional[LoopThread] = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set to announce now (free cache changed, shutdown)
+        self.moves = 0  # times this peer moved its span (automatic balancing)
         self._announcer: Optional[threading.Thread] = None
         self._p2p = None
+        self.metrics = PeerMetrics()  # shown at /metrics; training records its averaging rounds here too
+        self.metrics_server: Optional[HttpService] = None  # started by start() when config.metrics_port is set
+        self.model_record: Optional[ModelRecord] = None  # what this peer registers about its model
 
     # ---- start ------------------------------------------------------------------------------------
 
@@ -74,6 +90,7 @@ class Peer:
         model_config = AutoConfig.from_pretrained(resolved.path)
         family = family_for_config(model_config)
         total = model_config.num_hidden_layers
+        self.model_record = ModelRecord(num_blocks=total, family=family.model_type)
         if c.blocks is not None:
             start, end = c.blocks
             if end > total:
@@ -81,16 +98,10 @@ class Peer:
         else:
             records = fetch_block_records(self.dht, self.model_name, total)
             start, end = choose_span(block_throughputs(records), min(c.num_blocks, total))
+        self._checkpoint, self._model_config, self._family = resolved.path, model_config, family
         dtype, device = DTYPES[c.torch_dtype], torch.device(c.device)
         self._announce(ServerState.JOINING, start, end, free=0)
-        logger.info(f"Loading blocks {start}:{end} of {self.model_name} ({family.name}) from {resolved.path}")
-        span = BlockSpan(family, model_config, start, end)
-        state = load_tensors(resolved.path, lambda name: family.block_tensor_name(name, start, end), dtype)
-        missing, unexpected = span.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.startswith("rotary_emb.")]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        span = span.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        span = self._load_span(start, end)
         self.span = span
         self.throughput = c.throughput or measure_throughput(span, device, dtype)
         max_positions = getattr(model_config, "max_position_embeddings", 2048)
@@ -102,14 +113,49 @@ class Peer:
             request_timeout=c.request_timeout,
             session_timeout=c.session_timeout,
         )
-        self.budget = CacheBudget(c.max_cache_tokens)
-        self.handler = SpanHandler(span, self.model_name, limits, self.budget, dtype, device)
+        self.budget = CacheBudget(c.max_cache_tokens, on_change=self._wake.set)
+        self.handler = SpanHandler(span, self.model_name, limits, self.budget, dtype, device, metrics=self.metrics)
+        self.metrics.watch(active_sessions=lambda: self.handler.active_sessions,
+                           cache_used_tokens=lambda: self.budget.max_tokens - self.budget.free_tokens,
+                           cache_free_tokens=lambda: self.budget.free_tokens)
+        if c.metrics_port is not None:
+            self.metrics_server = serve_metrics(self.metrics.registry, c.metrics_host, c.metrics_port)
+            logger.info(f"Serving metrics at {self.metrics_url}")
         self._loop = LoopThread("swarmlm-peer-rpc")
         self._loop.run(self._serve(), timeout=c.startup_timeout)
         self._announce(ServerState.ONLINE)
         self._announcer = threading.Thread(target=self._announce_loop, name="swarmlm-announcer", daemon=True)
         self._announcer.start()
         logger.info(f"Serving blocks {start}:{end} of {self.model_name} ({self.throughput:.0f} tokens/s per block)")
+
+    def _load_span(self, start: int, end: int, reuse: Optional[BlockSpan] = None) -> BlockSpan:
+        """Blocks [start, end) with their weights; blocks that `reuse` holds are taken from it, not reloaded."""
+        c, family = self.config, self._family
+        dtype, device = DTYPES[c.torch_dtype], torch.device(c.device)
+        kept = range(max(start, reuse.start), min(end, reuse.end)) if reuse is not None else range(0)
+        logger.info(f"Loading blocks {start}:{end} of {self.model_name} ({family.name}) from {self._checkpoint}"
+                    + (f", keeping {kept.start}:{kept.stop}" if kept else ""))
+
+        def tensor_name(name: str) -> Optional[str]:
+            renamed = family.block_tensor_name(name, start, end)
+            return None if renamed is None or start + int(renamed.split(".")[1]) in kept else renamed
+
+        span = BlockSpan(family, self._model_config, start, end)
+        missing, unexpected = span.load_state_dict(load_tensors(self._checkpoint, tensor_name, dtype), strict=False)
+        missing = [m for m in missing if not m.startswith("rotary_emb.")
+                   and not (m.startswith("layers.") and start + int(m.split(".")[1]) in kept)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for block in kept:
+            layer = reuse.layers[block - reuse.start]
+            layer.self_attn.layer_idx = block - start  # its index in the new span's KV cache
+            span.layers[block - start] = layer
+        return span.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    @property
+    def metrics_url(self) -> Optional[str]:
+        """Where Prometheus scrapes this peer (None without config.metrics_port)."""
+        return f"{self.metrics_server.url}/metrics" if self.metrics_server is not None else None
 
     async def _serve(self) -> None:
         self._p2p = await self.dht.replicate_p2p()
@@ -129,25 +175,58 @@ class Peer:
             version=__version__,
             torch_dtype=self.config.torch_dtype,
             public_name=self.config.public_name,
+            movable=self.config.blocks is None,
         )
 
     def _announce(self, state: ServerState, start=None, end=None, free=None) -> None:
         record = self.record(state, start, end, free)
         expiration = get_dht_time() + record_expiration(self.config.update_period)
         declare_span(self.dht, self.model_name, record, expiration, self._validators[0])
+        declare_model(self.dht, self.model_name, self.model_record, expiration)
+        self.metrics.observe_announcement(self.model_name, self.model_record.family, record, count_dht_peers(self.dht))
 
     def _announce_loop(self) -> None:
-        while not self._stop.wait(self.config.update_period):
+        """Announces ONLINE every update_period and whenever the free KV cache changes (so the DHT
+        shows the exact free tokens); movable peers also check the balance every balance_period."""
+        c = self.config
+        next_balance = time.monotonic() + c.balance_period * random.uniform(0.5, 1.5)
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, min(c.update_period, next_balance - time.monotonic())))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
+                if c.blocks is None and time.monotonic() >= next_balance:
+                    next_balance = time.monotonic() + c.balance_period * random.uniform(0.5, 1.5)
+                    self._rebalance()
                 self._announce(ServerState.ONLINE)
             except Exception as e:
-                logger.warning(f"Failed to announce: {e}; retrying in {self.config.update_period} s")
+                logger.warning(f"Failed to announce: {e}; retrying in {c.update_period} s", exc_info=True)
+
+    # ---- balancing ---------------------------------------------------------------------------------
+
+    def _rebalance(self) -> None:
+        """Moves this peer's span if the swarm-wide plan (see `plan_move`) names this peer."""
+        records = fetch_block_records(self.dht, self.model_name, self.model_record.num_blocks)
+        move = plan_move(records, self.config.balance_margin)
+        if move is None or move.peer_id != self.dht.peer_id.to_base58():
+            return
+        old = self.span
+        logger.info(f"Moving from blocks {old.start}:{old.end} to {move.start}:{move.end}: the swarm will cover "
+                    f"{move.covered_blocks} blocks, weakest at {move.bottleneck:.0f} tokens/s")
+        self._announce(ServerState.JOINING, move.start, move.end, free=0)
+        span = self._load_span(move.start, move.end, reuse=old)
+        self.span = self.handler.span = span  # open sessions keep the old span until they close
+        self._announce(ServerState.OFFLINE, old.start, old.end)
+        self.moves += 1
+        logger.info(f"Serving blocks {span.start}:{span.end} of {self.model_name}")
 
     # ---- shutdown ---------------------------------------------------------------------------------
 
     def shutdown(self, drain_timeout: float = 10.0) -> None:
         """Stops taking sessions, announces OFFLINE, waits (bounded) for running sessions, stops."""
         self._stop.set()
+        self._wake.set()
         if self.handler is not None:
             self.handler.accepting_sessions = False
         if self.dht is not None and self.span is not None:
@@ -169,6 +248,8 @@ class Peer:
             self.handler.shutdown()
         if self._announcer is not None:
             self._announcer.join(timeout=5)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.dht is not None:
             shutdown_dht(self.dht)
         logger.info("Peer stopped")

@@ -1,0 +1,128 @@
+"""PeerMetrics: every Prometheus metric of one peer, in a registry of its own.
+
+Each peer owns a `CollectorRegistry` (not prometheus_client's global one), so several peers, or
+several tests, in one process never collide. Names follow Prometheus conventions: `swarmlm_`
+prefix, the unit in the name, `_total` on counters, labels with a few fixed values only.
+
+Who feeds what:
+- RPC traffic (requests, latency, tokens, bytes): `swarmlm.monitoring.rpc_tap.metered`, around
+  the handler's rpc_* methods;
+- live state (sessions, KV cache): functions passed to `watch()`, read at every scrape;
+- what the peer announces (model, blocks, state, throughput, DHT peers): `observe_announcement()`;
+- collaborative training: `record_averaging_round()`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
+
+from swarmlm.dht.records import ServerRecord, ServerState
+
+RPC_KINDS = ("forward", "backward", "inference")
+OUTCOMES = ("ok", "bad_request", "busy", "error")
+PEER_STATES = tuple(state.name.lower() for state in ServerState)
+AVERAGING_OUTCOMES = ("completed", "failed")
+# from a tiny model's single-token step on CPU (~1 ms) to a request timing out (60 s)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class PeerMetrics:
+    """The metrics of one peer. All methods are thread-safe and cheap; none does I/O."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._requests = Counter(
+            "swarmlm_requests", "RPC calls this peer answered, by kind and outcome (counted when the call ends; "
+            "an inference session is one call)", ["kind", "outcome"], registry=r)
+        self._latency = Histogram(
+            "swarmlm_request_duration_seconds", "Seconds from receiving a forward/backward request or an inference "
+            "step to sending its result (successful ones)", ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self._tokens = Counter(
+            "swarmlm_processed_tokens", "Tokens (batch x sequence length) that went through this peer's blocks",
+            ["kind"], registry=r)
+        self._received = Counter(
+            "swarmlm_rpc_received_bytes", "Payload bytes of RPC messages received", ["kind"], registry=r)
+        self._sent = Counter("swarmlm_rpc_sent_bytes", "Payload bytes of RPC messages sent", ["kind"], registry=r)
+        self._sessions = Gauge("swarmlm_inference_sessions_active", "Open inference sessions", registry=r)
+        self._cache_used = Gauge(
+            "swarmlm_kv_cache_used_tokens", "KV-cache tokens reserved by open sessions (batch x max_length each)",
+            registry=r)
+        self._cache_free = Gauge("swarmlm_kv_cache_free_tokens", "KV-cache tokens free for new sessions", registry=r)
+        self._info = Info("swarmlm_peer", "The model and blocks this peer serves", registry=r)
+        self._state = Enum("swarmlm_peer_state", "The state this peer announces", states=list(PEER_STATES),
+                           registry=r)
+        self._served_blocks = Gauge("swarmlm_served_blocks", "Blocks this peer hosts", registry=r)
+        self._throughput = Gauge(
+            "swarmlm_announced_throughput_tokens_per_second", "Throughput this peer announces, tokens/s per block",
+            registry=r)
+        self._dht_peers = Gauge(
+            "swarmlm_dht_known_peers", "DHT peers in this node's routing table (refreshed at every announcement)",
+            registry=r)
+        self._averaging = Counter(
+            "swarmlm_averaging_rounds", "Gradient averaging rounds this peer took part in, by outcome",
+            ["outcome"], registry=r)
+        for kind in RPC_KINDS:  # every series exists from the start, so rate() sees the first event
+            self._latency.labels(kind)
+            self._tokens.labels(kind)
+            self._received.labels(kind)
+            self._sent.labels(kind)
+            for outcome in OUTCOMES:
+                self._requests.labels(kind, outcome)
+        for outcome in AVERAGING_OUTCOMES:
+            self._averaging.labels(outcome)
+
+    # ---- RPC traffic ---------------------------------------------------------------------------------
+
+    def request_finished(self, kind: str, outcome: str) -> None:
+        """One RPC call of `kind` ended with `outcome` (ok, bad_request, busy or error)."""
+        self._check(kind, RPC_KINDS, "kind")
+        self._check(outcome, OUTCOMES, "outcome")
+        self._requests.labels(kind, outcome).inc()
+
+    def step_served(self, kind: str, tokens: int, seconds: float) -> None:
+        """A forward/backward request or an inference step of `tokens` tokens was answered in `seconds`."""
+        self._check(kind, RPC_KINDS, "kind")
+        self._tokens.labels(kind).inc(tokens)
+        self._latency.labels(kind).observe(seconds)
+
+    def bytes_received(self, kind: str, size: int) -> None:
+        self._received.labels(kind).inc(size)
+
+    def bytes_sent(self, kind: str, size: int) -> None:
+        self._sent.labels(kind).inc(size)
+
+    # ---- live state, read at scrape time -------------------------------------------------------------
+
+    def watch(self, active_sessions: Callable[[], float], cache_used_tokens: Callable[[], float],
+              cache_free_tokens: Callable[[], float]) -> None:
+        """Makes the session and KV-cache gauges read these functions at every scrape."""
+        self._sessions.set_function(active_sessions)
+        self._cache_used.set_function(cache_used_tokens)
+        self._cache_free.set_function(cache_free_tokens)
+
+    # ---- announcements -------------------------------------------------------------------------------
+
+    def observe_announcement(self, model: str, family: str, record: ServerRecord, dht_peers: int) -> None:
+        """Mirrors what the peer just announced: model, blocks, state, throughput; and its DHT view."""
+        self._info.info({
+            "model": model, "family": family, "start": str(record.start), "end": str(record.end),
+            "torch_dtype": record.torch_dtype, "version": record.version,
+        })
+        self._state.state(record.state.name.lower())
+        self._served_blocks.set(record.end - record.start)
+        self._throughput.set(record.throughput)
+        self._dht_peers.set(dht_peers)
+
+    # ---- collaborative training ----------------------------------------------------------------------
+
+    def record_averaging_round(self, succeeded: bool) -> None:
+        """One gradient averaging round ended: completed (succeeded=True) or failed."""
+        self._averaging.labels("completed" if succeeded else "failed").inc()
+
+    @staticmethod
+    def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
