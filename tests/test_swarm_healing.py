@@ -81,8 +81,10 @@ def test_peers_with_num_blocks_close_a_gap_left_by_a_dead_peer(tiny_model_path, 
 
 @pytest.fixture(scope="module")
 def cache_swarm(tiny_model_path):
-    """One peer serving all blocks with a 1000-token KV budget; it announces only on cache changes."""
-    with running_swarm(DEFAULT_MODEL, ["0:8"], "--max-cache-tokens", "1000", "--update-period", "60") as (dht, peers):
+    """One peer serving all blocks with a 1000-token KV budget; it announces only on cache changes and
+    closes sessions idle for 8 s."""
+    with running_swarm(DEFAULT_MODEL, ["0:8"], "--max-cache-tokens", "1000", "--update-period", "60",
+                       "--session-timeout", "8") as (dht, peers):
         yield dht, peers[0]
 
 
@@ -105,6 +107,20 @@ def test_cache_reservations_are_announced_exactly(cache_swarm, tokenizer):
                 expect(850)
             expect(900)
         expect(1000)
+    finally:
+        client.close()
+
+
+def test_cache_of_an_idle_session_is_freed_after_the_session_timeout(cache_swarm, tokenizer):
+    dht, _ = cache_swarm
+    client = client_for(dht.maddrs[0])
+    try:
+        ids = tokenizer("A function definition", return_tensors="pt")["input_ids"]
+        session = client.inference_session(max_length=300)
+        client.generate(ids, max_new_tokens=2, session=session)
+        wait_until(lambda: announced_free(client.remote.dht) == {700}, 20, "the session's 300 tokens reserved")
+        wait_until(lambda: announced_free(client.remote.dht) == {1000}, 30, "the idle session's tokens freed")
+        session.close()
     finally:
         client.close()
 
