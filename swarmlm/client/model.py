@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarmlm.client.config import ClientConfig
+from swarmlm.client.prompt_tuning import PromptPrefix, extend_mask
 from swarmlm.client.session import InferenceSession
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.errors import SwarmError
@@ -36,7 +37,7 @@ class RemoteCache(Cache):
         self.session = session
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return self.session.position - self.session.prefix_tokens  # the prompt-tuning prefix is invisible to HF
 
     @property
     def is_compileable(self) -> bool:
@@ -47,6 +48,14 @@ class DistributedCausalLMMixin:
     """Mixed in front of a family's HF *ForCausalLM class; see the module docstring."""
 
     remote: RemoteSequential
+    prompt_prefix: Optional[PromptPrefix]  # set by from_pretrained (None) and enable_prompt_tuning
+
+    def enable_prompt_tuning(self, num_tokens: int, init_ids: Optional[torch.Tensor] = None) -> PromptPrefix:
+        """Adds a trainable prefix of `num_tokens` virtual tokens before every input (prompt tuning);
+        returns it (its parameters are the only ones requiring grad). Outputs cover the real tokens only."""
+        self.requires_grad_(False)
+        self.prompt_prefix = PromptPrefix(self.get_input_embeddings(), num_tokens, init_ids)
+        return self.prompt_prefix
 
     def forward(
         self,
@@ -64,11 +73,22 @@ class DistributedCausalLMMixin:
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch, seq = inputs_embeds.shape[:2]
         session_cache = past_key_values if isinstance(past_key_values, RemoteCache) else None
-        past = session_cache.get_seq_length() if session_cache is not None else 0
+        past = session_cache.session.position if session_cache is not None else 0  # prefix included
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError("only 2D attention masks [batch, past + seq] are supported")
+        added = 0  # prefix tokens prepended in this call (their outputs are dropped)
+        if self.prompt_prefix is not None:
+            if past == 0:
+                inputs_embeds, attention_mask = self.prompt_prefix.prepend(inputs_embeds, attention_mask)
+                added = self.prompt_prefix.num_tokens
+                if session_cache is not None:
+                    session_cache.session.prefix_tokens = added
+            else:
+                attention_mask = extend_mask(attention_mask, self.prompt_prefix.num_tokens)
+        batch, seq = inputs_embeds.shape[:2]
+        if self.prompt_prefix is not None:
+            position_ids = None  # the caller's positions do not count the prefix: recompute them below
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -seq:]
@@ -85,7 +105,7 @@ class DistributedCausalLMMixin:
         else:
             hidden = self.remote(inputs_embeds, position_ids, mask)
 
-        hidden = self.model.norm(hidden)
+        hidden = self.model.norm(hidden[:, added:])
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
@@ -96,8 +116,10 @@ class DistributedCausalLMMixin:
     # ---- sessions and generation ---------------------------------------------------------------------
 
     def inference_session(self, max_length: int) -> InferenceSession:
-        """A session holding up to `max_length` tokens per sequence in the peers' KV caches."""
-        return InferenceSession(self.remote, max_length)
+        """A session holding up to `max_length` tokens per sequence in the peers' KV caches (plus the
+        prompt-tuning prefix, if any)."""
+        prefix = self.prompt_prefix.num_tokens if self.prompt_prefix is not None else 0
+        return InferenceSession(self.remote, max_length + prefix)
 
     @torch.inference_mode()
     def generate(self, inputs: Optional[torch.Tensor] = None, *args, session: Optional[InferenceSession] = None,
@@ -175,5 +197,6 @@ class AutoDistributedModelForCausalLM:
         except OSError:
             model.generation_config = GenerationConfig.from_model_config(model_config)
         name = client_config.dht_prefix or resolved.name
+        model.prompt_prefix = None
         model.remote = RemoteSequential(name, model_config.num_hidden_layers, client_config, hint=str(name_or_path))
         return model

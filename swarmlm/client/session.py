@@ -69,6 +69,7 @@ class InferenceSession:
         self.output_ids: Optional[torch.Tensor] = None  # [batch, n] all tokens of the sequence so far
         self.output_mask: Optional[torch.Tensor] = None  # [batch, n] attention mask of output_ids
         self.failovers = 0  # hops replaced after a failure, over the session's life
+        self.prefix_tokens = 0  # leading virtual tokens (prompt tuning) among `position`
         self._hops: list[_Hop] = []
         self._history: Optional[_History] = None
         self._batch: Optional[int] = None
