@@ -56,6 +56,7 @@ def _valid(client) -> torch.Tensor:
 
 
 SPAN = SpanRequest(model=DEFAULT_MODEL, start=0, end=3)
+PROMPTED = SpanRequest(model=DEFAULT_MODEL, start=0, end=3, prompt_tokens=2)
 POS = torch.arange(4)[None]
 
 
@@ -103,6 +104,15 @@ def test_invalid_tensors_get_clear_errors(client, span, tensors, message):
             metadata=pack(SPAN),
             tensors=[runtime_pb2.Tensor(buffer=b"abcd", size=[1], dtype="complex_nonsense"), serialize(POS)],
         ),
+        # deep prompts: wrong shape, more prompt tokens than the sequence, NaN, announced but missing
+        runtime_pb2.ExpertRequest(metadata=pack(PROMPTED), tensors=[
+            serialize(torch.randn(1, 4, HIDDEN)), serialize(POS), serialize(torch.randn(3, 2, HIDDEN + 1))]),
+        runtime_pb2.ExpertRequest(metadata=pack(SpanRequest(model=DEFAULT_MODEL, start=0, end=3, prompt_tokens=5)),
+                                  tensors=[serialize(torch.randn(1, 4, HIDDEN)), serialize(POS),
+                                           serialize(torch.randn(3, 5, HIDDEN))]),
+        runtime_pb2.ExpertRequest(metadata=pack(PROMPTED), tensors=[
+            serialize(torch.randn(1, 4, HIDDEN)), serialize(POS), serialize(torch.full((3, 2, HIDDEN), float("nan")))]),
+        runtime_pb2.ExpertRequest(metadata=pack(PROMPTED), tensors=[serialize(torch.randn(1, 4, HIDDEN))]),
     ],
 )
 def test_garbage_requests_get_clear_errors(client, request_):

@@ -50,11 +50,14 @@ class DistributedCausalLMMixin:
     remote: RemoteSequential
     prompt_prefix: Optional[PromptPrefix]  # set by from_pretrained (None) and enable_prompt_tuning
 
-    def enable_prompt_tuning(self, num_tokens: int, init_ids: Optional[torch.Tensor] = None) -> PromptPrefix:
-        """Adds a trainable prefix of `num_tokens` virtual tokens before every input (prompt tuning);
-        returns it (its parameters are the only ones requiring grad). Outputs cover the real tokens only."""
+    def enable_prompt_tuning(self, num_tokens: int, init_ids: Optional[torch.Tensor] = None,
+                             deep: bool = False) -> PromptPrefix:
+        """Adds a trainable prefix of `num_tokens` virtual tokens before every input (prompt tuning;
+        with `deep`, also per-block prompts sent to the peers); returns it (its parameters are the
+        only ones requiring grad). Outputs cover the real tokens only."""
         self.requires_grad_(False)
-        self.prompt_prefix = PromptPrefix(self.get_input_embeddings(), num_tokens, init_ids)
+        deep_blocks = self.remote.num_blocks if deep else 0
+        self.prompt_prefix = PromptPrefix(self.get_input_embeddings(), num_tokens, init_ids, deep_blocks=deep_blocks)
         return self.prompt_prefix
 
     def forward(
@@ -77,11 +80,11 @@ class DistributedCausalLMMixin:
         past = session_cache.session.position if session_cache is not None else 0  # prefix included
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError("only 2D attention masks [batch, past + seq] are supported")
-        added = 0  # prefix tokens prepended in this call (their outputs are dropped)
+        added, deep_prompts = 0, None  # prefix tokens prepended in this call (their outputs are dropped)
         if self.prompt_prefix is not None:
             if past == 0:
                 inputs_embeds, attention_mask = self.prompt_prefix.prepend(inputs_embeds, attention_mask)
-                added = self.prompt_prefix.num_tokens
+                added, deep_prompts = self.prompt_prefix.num_tokens, self.prompt_prefix.deep
                 if session_cache is not None:
                     session_cache.session.prefix_tokens = added
             else:
@@ -101,9 +104,9 @@ class DistributedCausalLMMixin:
 
         if session_cache is not None:
             mask_chunk = mask[:, -seq:] if mask is not None and not bool(mask[:, -seq:].all()) else None
-            hidden = session_cache.session.step(inputs_embeds, position_ids, mask_chunk)
+            hidden = session_cache.session.step(inputs_embeds, position_ids, mask_chunk, deep_prompts)
         else:
-            hidden = self.remote(inputs_embeds, position_ids, mask)
+            hidden = self.remote(inputs_embeds, position_ids, mask, deep_prompts)
 
         hidden = self.model.norm(hidden[:, added:])
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

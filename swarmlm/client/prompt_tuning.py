@@ -1,7 +1,9 @@
 """Prompt tuning: a trainable prefix of virtual tokens, kept on the client, prepended to every input.
 
-The peers' weights stay frozen; gradients of the prefix flow back through the swarm
-(`RemoteSequential` is differentiable). Enable it with `model.enable_prompt_tuning(num_tokens)`.
+Shallow: only the input embeddings of the prefix train. Deep (`deep=True`): in addition every block
+adds its own trainable vectors to the prefix positions' hidden states; these "deep prompts" travel
+to the peers with each request and the peers return their gradients. The peers' weights stay
+frozen. Enable it with `model.enable_prompt_tuning(num_tokens, deep=...)`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ class PromptPrefix(nn.Module):
     given, cycled to length) or as small random vectors."""
 
     def __init__(self, embeddings: nn.Embedding, num_tokens: int, init_ids: Optional[torch.Tensor] = None,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, deep_blocks: int = 0):
         super().__init__()
         if num_tokens < 1:
             raise ValueError("num_tokens must be >= 1")
@@ -28,6 +30,9 @@ class PromptPrefix(nn.Module):
         else:
             initial = torch.randn(num_tokens, weight.shape[1], dtype=weight.dtype) * init_std
         self.embeddings = nn.Parameter(initial)
+        # [blocks, num_tokens, hidden], zeros: training starts from the plain prefix
+        self.deep = nn.Parameter(torch.zeros(deep_blocks, num_tokens, weight.shape[1], dtype=weight.dtype)) \
+            if deep_blocks else None
 
     @property
     def num_tokens(self) -> int:

@@ -26,17 +26,18 @@ def _stub(p2p: P2P, peer_id: str):
     return SpanService.get_stub(p2p, PeerID.from_base58(peer_id))
 
 
-def _inputs(hidden, position_ids, attention_mask, grad=None) -> list[torch.Tensor]:
+def _inputs(hidden, position_ids, attention_mask, grad=None, prompts=None) -> list[torch.Tensor]:
     tensors = [hidden] + ([grad] if grad is not None else []) + [position_ids]
-    return tensors + ([attention_mask] if attention_mask is not None else [])
+    tensors += [attention_mask] if attention_mask is not None else []
+    return tensors + ([prompts.detach()] if prompts is not None else [])
 
 
 async def _unary_stream_call(p2p: P2P, peer_id: str, method: str, request: runtime_pb2.ExpertRequest,
-                             timeout: float) -> torch.Tensor:
+                             timeout: float) -> list[torch.Tensor]:
     async def call():
         stream = await getattr(_stub(p2p, peer_id), method)(_single(request))
         async for response in stream:
-            return deserialize_tensor(check_response(peer_id, response).tensors[0])
+            return [deserialize_tensor(t) for t in check_response(peer_id, response).tensors]
         raise RemotePeerError(peer_id, "closed the stream without an answer")
 
     try:
@@ -49,18 +50,25 @@ async def _unary_stream_call(p2p: P2P, peer_id: str, method: str, request: runti
         raise RemotePeerError(peer_id, f"{type(e).__name__}: {e}") from e
 
 
-async def call_forward(p2p, peer_id, span: SpanRequest, hidden, position_ids, attention_mask, timeout) -> torch.Tensor:
+async def call_forward(p2p, peer_id, span: SpanRequest, hidden, position_ids, attention_mask, timeout,
+                       prompts=None) -> torch.Tensor:
+    """-> the span's output; `prompts` [blocks, span.prompt_tokens, hidden] are deep prompts for its blocks."""
     request = runtime_pb2.ExpertRequest(
-        tensors=serialize_all(_inputs(hidden, position_ids, attention_mask)), metadata=pack(span)
+        tensors=serialize_all(_inputs(hidden, position_ids, attention_mask, prompts=prompts)), metadata=pack(span)
     )
-    return await _unary_stream_call(p2p, peer_id, "rpc_forward", request, timeout)
+    return (await _unary_stream_call(p2p, peer_id, "rpc_forward", request, timeout))[0]
 
 
-async def call_backward(p2p, peer_id, span: SpanRequest, hidden, grad, position_ids, attention_mask, timeout):
+async def call_backward(p2p, peer_id, span: SpanRequest, hidden, grad, position_ids, attention_mask, timeout,
+                        prompts=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (grad of hidden, grad of prompts or None)."""
     request = runtime_pb2.ExpertRequest(
-        tensors=serialize_all(_inputs(hidden, position_ids, attention_mask, grad)), metadata=pack(span)
+        tensors=serialize_all(_inputs(hidden, position_ids, attention_mask, grad, prompts)), metadata=pack(span)
     )
-    return await _unary_stream_call(p2p, peer_id, "rpc_backward", request, timeout)
+    grads = await _unary_stream_call(p2p, peer_id, "rpc_backward", request, timeout)
+    if len(grads) != (2 if prompts is not None else 1):
+        raise RemotePeerError(peer_id, f"answered a backward call with {len(grads)} tensors")
+    return grads[0], (grads[1] if prompts is not None else None)
 
 
 async def call_info(p2p, peer_id: str, timeout: float) -> PeerInfo:
@@ -104,10 +112,12 @@ class InferenceStream:
                 return
             yield item
 
-    async def step(self, position: int, hidden, position_ids, mask_chunk, timeout: float) -> torch.Tensor:
+    async def step(self, position: int, hidden, position_ids, mask_chunk, timeout: float, prompts=None) -> torch.Tensor:
+        """Sends new tokens (and, at position 0, optional deep prompts [blocks, n, hidden]); returns the output."""
+        prompt_tokens = prompts.shape[1] if prompts is not None else 0
         request = runtime_pb2.ExpertRequest(
-            tensors=serialize_all(_inputs(hidden, position_ids, mask_chunk)),
-            metadata=pack(InferenceStep(position=position)),
+            tensors=serialize_all(_inputs(hidden, position_ids, mask_chunk, prompts=prompts)),
+            metadata=pack(InferenceStep(position=position, prompt_tokens=prompt_tokens)),
         )
         self._requests.put_nowait(request)
         try:

@@ -72,6 +72,7 @@ class InferenceSession:
         self.prefix_tokens = 0  # leading virtual tokens (prompt tuning) among `position`
         self._hops: list[_Hop] = []
         self._history: Optional[_History] = None
+        self._prompts: Optional[torch.Tensor] = None  # deep prompts, resent whenever a hop starts from position 0
         self._batch: Optional[int] = None
         self.closed = False
 
@@ -82,8 +83,10 @@ class InferenceSession:
     def describe_route(self) -> list[tuple[str, int, int]]:
         return [(h.route.peer_id, h.route.start, h.route.end) for h in self._hops]
 
-    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask_chunk: Optional[torch.Tensor]) -> torch.Tensor:
-        """Runs [batch, seq, hidden] new tokens through the route; returns the last block's output."""
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask_chunk: Optional[torch.Tensor],
+             prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Runs [batch, seq, hidden] new tokens through the route; returns the last block's output.
+        `prompts` (deep prompt tuning, [num_blocks, n, hidden]) may come with the first step only."""
         if self.closed:
             raise SwarmError("this inference session is closed")
         batch, seq = hidden.shape[:2]
@@ -96,6 +99,10 @@ class InferenceSession:
             self._batch = batch
         elif batch != self._batch:
             raise SwarmError(f"this session has batch size {self._batch}, got {batch}")
+        if prompts is not None:
+            if self.position != 0:
+                raise SwarmError("deep prompts can only come with the session's first step")
+            self._prompts = prompts.detach()
         output = self.remote.loop.run(self._step(hidden, position_ids, mask_chunk))
         self.position += seq
         return output.to(hidden.dtype)
@@ -131,9 +138,10 @@ class InferenceSession:
         """Sends the hop everything it lacks up to `end` (one token on a normal step, the whole
         history after a failover) and returns its output for those positions."""
         history, start = self._history, hop.length
+        prompts = self._prompts[hop.route.start:hop.route.end] if self._prompts is not None and start == 0 else None
         return await hop.stream.step(
             start, history.hidden[hop.route.start][:, start:end], history.position_ids[:, start:end],
-            history.mask_chunk(start, end), self.remote.config.request_timeout,
+            history.mask_chunk(start, end), self.remote.config.request_timeout, prompts,
         )
 
     async def _open(self, start: int, end: int) -> list[_Hop]:

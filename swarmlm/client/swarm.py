@@ -42,10 +42,11 @@ class RemoteSequential:
     def span_request(self, hop: RouteHop, **kwargs) -> SpanRequest:
         return SpanRequest(model=self.model, start=hop.start, end=hop.end, **kwargs)
 
-    def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden [batch, seq, hidden] -> hidden after all blocks; differentiable w.r.t. `hidden`."""
-        return _RemoteChain.apply(hidden, position_ids, attention_mask, self)
+    def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden [batch, seq, hidden] -> hidden after all blocks; differentiable w.r.t. `hidden` and the
+        optional deep prompts [num_blocks, prompt_tokens, hidden] (added to the first positions at each block)."""
+        return _RemoteChain.apply(hidden, prompts, position_ids, attention_mask, self)
 
     # ---- routing ----------------------------------------------------------------------------------
 
@@ -82,14 +83,20 @@ class RemoteSequential:
 
     # ---- forward / backward ----------------------------------------------------------------------
 
-    def run_chain(self, hidden, position_ids, mask) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
+    def run_chain(self, hidden, position_ids, mask, prompts=None) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
         """Forward through all blocks; returns the output and each hop with its input (for backward)."""
-        return self.loop.run(self.forward_blocks(hidden, position_ids, mask, 0, self.num_blocks))
+        return self.loop.run(self.forward_blocks(hidden, position_ids, mask, 0, self.num_blocks, prompts))
 
-    def run_backward(self, hops: list[tuple[RouteHop, torch.Tensor]], grad, position_ids, mask) -> torch.Tensor:
-        return self.loop.run(self._backward_chain(hops, grad, position_ids, mask))
+    def run_backward(self, hops: list[tuple[RouteHop, torch.Tensor]], grad, position_ids, mask, prompts=None):
+        """-> (grad of the chain's input, grad of the deep prompts or None)."""
+        return self.loop.run(self._backward_chain(hops, grad, position_ids, mask, prompts))
 
-    async def forward_blocks(self, hidden, position_ids, mask, start: int, end: int):
+    def _hop_request(self, hop: RouteHop, prompts) -> tuple[SpanRequest, Optional[torch.Tensor]]:
+        if prompts is None:
+            return self.span_request(hop), None
+        return self.span_request(hop, prompt_tokens=prompts.shape[1]), prompts[hop.start:hop.end]
+
+    async def forward_blocks(self, hidden, position_ids, mask, start: int, end: int, prompts=None):
         """Forward through blocks [start, end), hop by hop; a failed hop is retried from its first block."""
         hops, block, attempts = [], start, self.attempts(f"forward through blocks {start}:{end}")
         while block < end:
@@ -98,9 +105,10 @@ class RemoteSequential:
             except MissingBlocksError as e:
                 await attempts.failed(e)
                 continue
+            request, hop_prompts = self._hop_request(hop, prompts)
             try:
-                output = await call_forward(self.p2p, hop.peer_id, self.span_request(hop), hidden, position_ids, mask,
-                                            self.config.request_timeout)
+                output = await call_forward(self.p2p, hop.peer_id, request, hidden, position_ids, mask,
+                                            self.config.request_timeout, hop_prompts)
             except RemotePeerError as e:
                 await attempts.failed(e, hop.peer_id)
                 continue
@@ -108,29 +116,35 @@ class RemoteSequential:
             hidden, block = output.to(hidden.dtype), hop.end
         return hidden, hops
 
-    async def _backward_chain(self, hops, grad, position_ids, mask) -> torch.Tensor:
+    async def _backward_chain(self, hops, grad, position_ids, mask, prompts=None):
+        grad_prompts = torch.zeros_like(prompts) if prompts is not None else None
         for hop, hop_input in reversed(hops):
-            grad = await self._backward_hop(hop, hop_input, grad, position_ids, mask)
-        return grad
+            grad = await self._backward_hop(hop, hop_input, grad, position_ids, mask, prompts, grad_prompts)
+        return grad, grad_prompts
 
-    async def _backward_hop(self, hop: RouteHop, hop_input, grad, position_ids, mask) -> torch.Tensor:
-        """Backward through one forward hop. If its peer fails, the hop's blocks are recomputed
-        forward on a fresh route from the stored input, then backward runs through that route."""
+    async def _backward_hop(self, hop: RouteHop, hop_input, grad, position_ids, mask, prompts, grad_prompts):
+        """Backward through one forward hop (writing its deep prompts' grads into `grad_prompts`). If
+        its peer fails, the hop's blocks are recomputed forward on a fresh route from the stored
+        input, then backward runs through that route."""
         pieces, attempts = [(hop, hop_input)], self.attempts(f"backward through blocks {hop.start}:{hop.end}")
         while True:
             piece_grad, failed = grad, None
             for piece, piece_input in reversed(pieces):
+                request, piece_prompts = self._hop_request(piece, prompts)
                 try:
-                    piece_grad = (await call_backward(self.p2p, piece.peer_id, self.span_request(piece), piece_input,
-                                                      piece_grad, position_ids, mask, self.config.request_timeout))
+                    piece_grad, piece_prompt_grad = await call_backward(
+                        self.p2p, piece.peer_id, request, piece_input, piece_grad, position_ids, mask,
+                        self.config.request_timeout, piece_prompts)
                 except RemotePeerError as e:
                     failed = e
                     break
                 piece_grad = piece_grad.to(grad.dtype)
+                if piece_prompt_grad is not None:
+                    grad_prompts[piece.start:piece.end] = piece_prompt_grad.to(grad_prompts.dtype)
             if failed is None:
                 return piece_grad
             await attempts.failed(failed, failed.peer)
-            _, pieces = await self.forward_blocks(hop_input, position_ids, mask, hop.start, hop.end)
+            _, pieces = await self.forward_blocks(hop_input, position_ids, mask, hop.start, hop.end, prompts)
 
     def close(self) -> None:
         try:
@@ -164,12 +178,15 @@ class Attempts:
 
 class _RemoteChain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, position_ids, attention_mask, remote: RemoteSequential):
-        output, hops = remote.run_chain(hidden.detach(), position_ids, attention_mask)
+    def forward(ctx, hidden, prompts, position_ids, attention_mask, remote: RemoteSequential):
+        prompts = prompts.detach() if prompts is not None else None
+        output, hops = remote.run_chain(hidden.detach(), position_ids, attention_mask, prompts)
         ctx.remote, ctx.hops, ctx.position_ids, ctx.attention_mask = remote, hops, position_ids, attention_mask
+        ctx.prompts = prompts
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = ctx.remote.run_backward(ctx.hops, grad_output.contiguous(), ctx.position_ids, ctx.attention_mask)
-        return grad, None, None, None
+        grad, grad_prompts = ctx.remote.run_backward(ctx.hops, grad_output.contiguous(), ctx.position_ids,
+                                                     ctx.attention_mask, ctx.prompts)
+        return grad, grad_prompts, None, None, None

@@ -36,6 +36,7 @@ class SpanRequest(_Wire):
     end: int = Field(ge=1)  # last block (exclusive)
     max_length: Optional[int] = Field(default=None, ge=1)  # inference only: tokens to reserve per sequence
     batch_size: Optional[int] = Field(default=None, ge=1)  # inference only: sequences in the session
+    prompt_tokens: int = Field(default=0, ge=0)  # forward/backward: deep prompts for the first N positions follow
     version: int = PROTOCOL_VERSION
 
 
@@ -43,6 +44,7 @@ class InferenceStep(_Wire):
     """Metadata of every inference message: where in the sequence its tokens start."""
 
     position: int = Field(ge=0)  # tokens the peer must already hold for this session before this step
+    prompt_tokens: int = Field(default=0, ge=0)  # deep prompts for positions [0, N) follow (only at position 0)
 
 
 class StepResult(_Wire):

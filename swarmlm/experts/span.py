@@ -46,7 +46,9 @@ class BlockSpan(nn.Module):
         cache: SpanCache | None = None,
         first: int = 0,  # run layers [first, last) of the span (relative indices)
         last: int | None = None,
+        prompts: torch.Tensor | None = None,  # [last - first, prompt_tokens, hidden]: deep prompt tuning
     ) -> torch.Tensor:  # [batch, seq, hidden]
+        """With `prompts`, block j first adds prompts[j] to the hidden states of the first prompt_tokens positions."""
         last = self.num_blocks if last is None else last
         mask_args = dict(
             config=self.config,
@@ -58,7 +60,9 @@ class BlockSpan(nn.Module):
         layer_types = self.layer_types[first:last]
         masks = {kind: MASK_FUNCTIONS[kind](**mask_args) for kind in set(layer_types)}
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for layer, kind in zip(self.layers[first:last], layer_types):
+        for j, (layer, kind) in enumerate(zip(self.layers[first:last], layer_types)):
+            if prompts is not None:
+                hidden_states = add_prompts(hidden_states, prompts[j])
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks[kind],
@@ -68,3 +72,9 @@ class BlockSpan(nn.Module):
                 position_embeddings=position_embeddings,
             )
         return hidden_states
+
+
+def add_prompts(hidden_states: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """hidden [batch, seq, hidden] + prompts [n, hidden] on the first n positions (out of place, differentiable)."""
+    n = prompts.shape[0]
+    return torch.cat([hidden_states[:, :n] + prompts.to(hidden_states.dtype), hidden_states[:, n:]], dim=1)

@@ -81,7 +81,21 @@ class SpanHandler(SpanService):
     def _tensor(self, proto: runtime_pb2.Tensor, what: str, max_elements: int) -> torch.Tensor:
         return deserialize_bounded(proto, max_elements, what)
 
-    def _parse_inputs(self, tensors, expect_grad: bool = False, mask_offset: int = 0):
+    def _parse_prompts(self, tensors, prompt_tokens: int, num_blocks: int):
+        """Splits off the trailing deep-prompts tensor [num_blocks, prompt_tokens, hidden] (if announced)."""
+        if prompt_tokens == 0:
+            return tensors, None
+        if len(tensors) < 1:
+            raise RequestError("the request announces deep prompts but carries no tensors")
+        hidden_size = self.limits.hidden_size
+        prompts = self._tensor(tensors[-1], "prompts", num_blocks * prompt_tokens * hidden_size)
+        if prompts.shape != (num_blocks, prompt_tokens, hidden_size):
+            raise RequestError(f"prompts must be [{num_blocks}, {prompt_tokens}, {hidden_size}], got {list(prompts.shape)}")
+        if prompts.dtype not in FLOAT_DTYPES or not torch.isfinite(prompts).all():
+            raise RequestError(f"prompts must be finite float32/float16/bfloat16, got {prompts.dtype}")
+        return tensors[:-1], prompts.to(self.device, self.dtype)
+
+    def _parse_inputs(self, tensors, expect_grad: bool = False, mask_offset: int = 0, prompts=None):
         """Parses [hidden, (grad,) position_ids, (attention_mask)] into validated tensors."""
         limits = self.limits
         n_required = 3 if expect_grad else 2
@@ -119,6 +133,8 @@ class SpanHandler(SpanService):
             ).any():
                 raise RequestError("attention_mask must hold only 0 and 1")
             mask = mask.to(torch.bool)
+        if prompts is not None and prompts.shape[1] > seq:
+            raise RequestError(f"{prompts.shape[1]} prompt tokens do not fit in a sequence of {seq}")
         hidden = hidden.to(self.device, self.dtype)
         grad = grad.to(self.device, self.dtype) if grad is not None else None
         return hidden, grad, position_ids.to(self.device, torch.int64), mask
@@ -139,18 +155,19 @@ class SpanHandler(SpanService):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             request = await _first(requests, self.limits.request_timeout)
-            span = self.span
-            first, last = self._check_span(unpack(request.metadata, SpanRequest), span)
-            hidden, _, position_ids, mask = self._parse_inputs(request.tensors)
-            output = await self._run(self._forward, span, hidden, position_ids, mask, first, last)
+            span, meta = self.span, unpack(request.metadata, SpanRequest)
+            first, last = self._check_span(meta, span)
+            tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
+            hidden, _, position_ids, mask = self._parse_inputs(tensors, prompts=prompts)
+            output = await self._run(self._forward, span, hidden, position_ids, mask, first, last, prompts)
             yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
         except Exception as e:
             yield self._error(e, "forward", context)
         await _drain(requests)
 
-    def _forward(self, span, hidden, position_ids, mask, first, last):
+    def _forward(self, span, hidden, position_ids, mask, first, last, prompts=None):
         with torch.inference_mode():
-            return span(hidden, position_ids, mask, first=first, last=last).float()
+            return span(hidden, position_ids, mask, first=first, last=last, prompts=prompts).float()
 
     @metered("backward")
     async def rpc_backward(
@@ -158,21 +175,26 @@ class SpanHandler(SpanService):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             request = await _first(requests, self.limits.request_timeout)
-            span = self.span
-            first, last = self._check_span(unpack(request.metadata, SpanRequest), span)
-            hidden, grad, position_ids, mask = self._parse_inputs(request.tensors, expect_grad=True)
-            grad_input = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last)
-            yield runtime_pb2.ExpertResponse(tensors=[serialize(grad_input)])
+            span, meta = self.span, unpack(request.metadata, SpanRequest)
+            first, last = self._check_span(meta, span)
+            tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
+            hidden, grad, position_ids, mask = self._parse_inputs(tensors, expect_grad=True, prompts=prompts)
+            grads = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last, prompts)
+            yield runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grads])
         except Exception as e:
             yield self._error(e, "backward", context)
         await _drain(requests)
 
-    def _backward(self, span, hidden, grad, position_ids, mask, first, last):
+    def _backward(self, span, hidden, grad, position_ids, mask, first, last, prompts=None) -> list[torch.Tensor]:
+        """-> [grad of hidden] (+ [grad of prompts] when deep prompts were sent)."""
         with torch.enable_grad():
-            hidden = hidden.detach().requires_grad_(True)
-            output = span(hidden, position_ids, mask, first=first, last=last)
-            (grad_input,) = torch.autograd.grad(output, hidden, grad)
-        return grad_input.float()
+            inputs = [hidden.detach().requires_grad_(True)]
+            if prompts is not None:
+                inputs.append(prompts.detach().requires_grad_(True))
+            output = span(inputs[0], position_ids, mask, first=first, last=last,
+                          prompts=inputs[1] if prompts is not None else None)
+            grads = torch.autograd.grad(output, inputs, grad)
+        return [g.float() for g in grads]
 
     # ---- live state ----------------------------------------------------------------------------------
 
@@ -233,17 +255,20 @@ class SpanHandler(SpanService):
     async def _inference_step(self, session: "_Session", step: InferenceStep, tensors) -> runtime_pb2.ExpertResponse:
         if step.position > session.length:
             raise RequestError(f"step starts at position {step.position} but the session holds {session.length} tokens")
-        hidden, _, position_ids, mask = self._parse_inputs(tensors)
+        if step.prompt_tokens and step.position != 0:
+            raise RequestError("deep prompts can only come with a step at position 0")
+        tensors, prompts = self._parse_prompts(tensors, step.prompt_tokens, session.last - session.first)
+        hidden, _, position_ids, mask = self._parse_inputs(tensors, prompts=prompts)
         if hidden.shape[0] != session.batch:
             raise RequestError(f"session batch is {session.batch}, step has batch {hidden.shape[0]}")
         if step.position + hidden.shape[1] > session.max_length:
             raise RequestError(
                 f"step would grow the session to {step.position + hidden.shape[1]} tokens, beyond its max_length {session.max_length}"
             )
-        output = await self._run(self._step, session, step.position, hidden, position_ids, mask)
+        output = await self._run(self._step, session, step.position, hidden, position_ids, mask, prompts)
         return runtime_pb2.ExpertResponse(tensors=[serialize(output)], metadata=pack(StepResult(position=session.length)))
 
-    def _step(self, session: "_Session", position: int, hidden, position_ids, new_mask):
+    def _step(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
         with torch.inference_mode():
             if position < session.length:
                 session.cache.crop(position)
@@ -253,7 +278,8 @@ class SpanHandler(SpanService):
                 old = session.mask if session.mask is not None else torch.ones(session.batch, position, dtype=torch.bool)
                 new = new_mask if new_mask is not None else torch.ones(session.batch, seq, dtype=torch.bool)
                 session.mask = torch.cat([old, new], dim=1)
-            output = session.span(hidden, position_ids, session.mask, session.cache, first=session.first, last=session.last)
+            output = session.span(hidden, position_ids, session.mask, session.cache, first=session.first,
+                                  last=session.last, prompts=prompts)
             session.length = position + seq
             return output.float()
 
