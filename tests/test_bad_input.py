@@ -178,3 +178,23 @@ def test_sub_span_requests_match_full_span(client):
     part = _forward(client, SpanRequest(model=DEFAULT_MODEL, start=0, end=1), hidden, POS)
     part = _forward(client, SpanRequest(model=DEFAULT_MODEL, start=1, end=3), part, POS)
     torch.testing.assert_close(part, full, atol=1e-5, rtol=0)
+
+
+def test_a_step_below_the_cached_length_rewinds_the_session(client):
+    remote, peer = client
+    prompt, token = torch.randn(1, 4, HIDDEN), torch.randn(1, 1, HIDDEN)
+
+    async def run():
+        stream = InferenceStream(peer, SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1))
+        await stream.open(remote.p2p)
+        try:
+            await stream.step(0, prompt, torch.arange(4)[None], None, 30)
+            first = await stream.step(4, token, torch.tensor([[4]]), None, 30)
+            await stream.step(5, torch.randn(1, 2, HIDDEN), torch.tensor([[5, 6]]), None, 30)
+            again = await stream.step(4, token, torch.tensor([[4]]), None, 30)  # back to 4 cached tokens
+            return first, again
+        finally:
+            stream.close()
+
+    first, again = remote.loop.run(run())
+    torch.testing.assert_close(again, first, atol=1e-6, rtol=0)

@@ -41,3 +41,11 @@ def test_spans_chained_match_local_model(name):
         for span, cache in zip(spans, caches):
             hidden = span(hidden, positions[:, 5:], mask.bool(), cache)
         torch.testing.assert_close(local.model.norm(hidden), expected[:, 5:], atol=1e-4, rtol=0)
+
+        for span, cache in zip(spans, caches):  # rewind to 7 tokens and feed the last 2 again: same result
+            cache.truncate(7)
+            assert cache.get_seq_length() == 7
+        hidden = local.model.embed_tokens(ids[:, 7:])
+        for span, cache in zip(spans, caches):
+            hidden = span(hidden, positions[:, 7:], mask.bool(), cache)
+        torch.testing.assert_close(local.model.norm(hidden), expected[:, 7:], atol=1e-4, rtol=0)

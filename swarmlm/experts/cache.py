@@ -19,3 +19,9 @@ class SpanCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return super().update(key_states, value_states, layer_idx - self.offset, *args, **kwargs)
+
+    def truncate(self, length: int) -> None:
+        """Keeps only the first `length` positions (rewinds the session); no-op if it holds no more."""
+        excess = self.get_seq_length() - length
+        if excess > 0:
+            self.crop(-excess)  # transformers 5: crop() takes the number of tokens to remove, negated

@@ -271,7 +271,7 @@ class SpanHandler(SpanService):
     def _step(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
         with torch.inference_mode():
             if position < session.length:
-                session.cache.crop(position)
+                session.cache.truncate(position)
                 session.mask = session.mask[:, :position] if session.mask is not None else None
             seq = hidden.shape[1]
             if new_mask is not None or session.mask is not None:
