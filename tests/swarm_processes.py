@@ -62,6 +62,22 @@ class NodeProcess:
                 self.ready_line = line
                 return self
 
+    def wait_for_line(self, predicate, timeout: float = READY_TIMEOUT) -> str:
+        """Reads stdout until a line satisfies `predicate` and returns it (every line read is kept in stdout_lines)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"node {self.args}: no expected line in {timeout} s; stdout:\n"
+                                   + "\n".join(self.stdout_lines[-20:]) + f"\nstderr:\n{self.stderr}") from None
+            if line is None:
+                raise RuntimeError(f"node {self.args} exited with {self.proc.wait()} before the expected line; "
+                                   f"stderr:\n{self.stderr}")
+            self.stdout_lines.append(line)
+            if predicate(line):
+                return line
+
     def terminate(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -1,0 +1,107 @@
+"""hivemind.Optimizer configured for swarmlm trainers, reporting how each averaging round ended.
+
+Two modes (TrainConfig.local_updates):
+  synchronous (default)  gradients are accumulated until the swarm has processed target_batch_size samples,
+                         averaged with all-reduce, and every trainer applies the same AdamW step;
+  local updates          DiLoCo-style: every step updates the local parameters; at each epoch boundary the
+                         parameters (and Adam statistics) are averaged, i.e. an outer step with SGD lr=1.
+In both modes parameters and Adam statistics are averaged synchronously every `average_state_every`
+epochs, which also repairs any drift left by a failed round (a peer that died mid-all-reduce).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import hivemind
+import torch
+
+from swarmlm.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+ADAM_STATISTICS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class AveragingRounds:
+    """How averaging rounds ended, by kind ("gradients", "state"); the source of training metrics."""
+
+    completed: dict[str, int] = field(default_factory=lambda: {"gradients": 0, "state": 0})
+    failed: dict[str, int] = field(default_factory=lambda: {"gradients": 0, "state": 0})
+    last_group_size: dict[str, int] = field(default_factory=lambda: {"gradients": 0, "state": 0})
+
+    def record(self, kind: str, control) -> None:
+        """Counts a finished round from its StepControl (a cancelled round never ran: not counted)."""
+        if control.cancelled():
+            return
+        error = control.exception() if control.done() else TimeoutError("round did not finish")
+        if error is None:
+            self.completed[kind] += 1
+            self.last_group_size[kind] = len(control.result())
+        else:
+            self.failed[kind] += 1
+            self.last_group_size[kind] = 0
+            logger.info(f"Averaging {kind} failed ({error!r}); continuing with local results")
+
+    def snapshot(self) -> dict:
+        return dict(completed=dict(self.completed), failed=dict(self.failed),
+                    last_group_size=dict(self.last_group_size))
+
+
+class ObservedOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that records the outcome of every gradient and state averaging round in `.rounds`.
+
+    State rounds are pre-scheduled here when hivemind would start them itself, so that their StepControl
+    can be inspected after the (synchronous) round; nothing else changes. Overrides two private methods
+    of hivemind 1.1.12 (the version pyproject.toml pins); revisit them when upgrading hivemind.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rounds = AveragingRounds()
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if maybe_step_control is not None:
+            self.rounds.record("gradients", maybe_step_control)
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        control = None
+        if not self.auxiliary and self._will_average_state():
+            if self.scheduled_state is None or self.scheduled_state.triggered or self.scheduled_state.done():
+                next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
+                self.scheduled_state = self.state_averager.schedule_step(gather=next_epoch,
+                                                                         timeout=self.averaging_timeout)
+            control = self.scheduled_state
+        super()._update_global_epoch(grad_scaler)
+        if control is not None:
+            self.rounds.record("state", control)
+
+    def _will_average_state(self) -> bool:
+        next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
+        return (self.tracker.global_progress.num_peers > 1 and next_epoch % self.average_state_every == 0
+                and not self.state_averager.averaging_in_progress)
+
+
+def make_optimizer(config: TrainConfig, dht: hivemind.DHT, model: torch.nn.Module) -> ObservedOptimizer:
+    """The collaborative optimizer for `model` (AdamW) in the mode `config` asks for."""
+    return ObservedOptimizer(
+        dht=dht,
+        run_id=config.run_id,
+        target_batch_size=config.target_batch_size,
+        batch_size_per_step=config.batch_size,
+        params=model.parameters(),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        matchmaking_time=config.matchmaking_time,
+        averaging_timeout=config.averaging_timeout,
+        load_state_timeout=config.load_state_timeout,
+        use_local_updates=config.local_updates,
+        delay_state_averaging=False,  # synchronous: every participant leaves the round with the same state
+        average_state_every=config.average_state_every,
+        average_opt_statistics=ADAM_STATISTICS,
+        tracker_opts=dict(metadata_expiration=config.progress_expiration),
+        averager_opts=dict(request_timeout=min(3.0, config.matchmaking_time / 2)),  # hivemind: keep below matchmaking
+        verbose=logger.isEnabledFor(logging.DEBUG),
+    )
