@@ -1,4 +1,4 @@
-"""`swarmlm dht | peer | generate | demo`: the command-line interface.
+"""`swarmlm dht | peer | generate | health | train | export | demo`: the command-line interface.
 
 Every node prints its full multiaddrs on stdout, one per line, then a line "READY"; scripts and
 tests wait for that line instead of sleeping.
@@ -84,9 +84,9 @@ def cmd_peer(args) -> int:
         request_timeout=args.request_timeout, session_timeout=args.session_timeout,
         update_period=args.update_period, throughput=args.throughput, balance_period=args.balance_period,
         balance_margin=args.balance_margin,
-        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, training=_span_training_config(args),
     )
-    peer = Peer(config)
+    peer = Peer(config, on_training_report=lambda report: print(report.line(), flush=True))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -126,6 +126,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _train_config(args):
+    from swarmlm.training.config import DataConfig, TrainConfig
+
+    data = DataConfig(
+        sources=tuple(args.data), text_column=args.text_column, seq_len=args.seq_len, min_doc_chars=args.min_doc_chars,
+        val_fraction=args.val_fraction, max_val_samples=args.max_val_samples, num_shards=args.num_shards,
+        shard_index=args.shard_index, seed=args.seed,
+    )
+    return TrainConfig(
+        run_id=args.run_id, model=args.model, data=data, num_layers=args.num_layers, seed=args.seed,
+        batch_size=args.batch_size, target_batch_size=args.target_batch_size, epochs=args.epochs,
+        min_peers=args.min_peers, lr=args.lr, weight_decay=args.weight_decay, local_updates=args.local_updates,
+        average_state_every=args.average_state_every, matchmaking_time=args.matchmaking_time,
+        averaging_timeout=args.averaging_timeout, save_dir=args.save, save_every=args.save_every,
+        show_progress=not args.no_progress,
+    )
+
+
 def cmd_train(args) -> int:
     """Trains with the swarm; prints multiaddrs, READY, one EPOCH line per epoch and a final DONE {json} line."""
     import json
@@ -133,32 +151,19 @@ def cmd_train(args) -> int:
     import torch
 
     from swarmlm.dht.node import create_dht, shutdown_dht
-    from swarmlm.training.config import DataConfig, TrainConfig
     from swarmlm.training.data import prepare_data
     from swarmlm.training.lifetime import children_die_with_this_process
     from swarmlm.training.model import build_model
     from swarmlm.training.pretrain import Trainer
+    from swarmlm.training.progress import epoch_line
 
     if not args.new_swarm and not args.initial_peers:
         raise ValueError("give --initial-peers MADDR ... to join a training run, or --new-swarm to start one")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    data_config = DataConfig(
-        sources=tuple(args.data), text_column=args.text_column, seq_len=args.seq_len, min_doc_chars=args.min_doc_chars,
-        val_fraction=args.val_fraction, max_val_samples=args.max_val_samples, num_shards=args.num_shards,
-        shard_index=args.shard_index, seed=args.seed,
-    )
-    config = TrainConfig(
-        run_id=args.run_id, model=args.model, data=data_config, num_layers=args.num_layers, seed=args.seed,
-        batch_size=args.batch_size, target_batch_size=args.target_batch_size, epochs=args.epochs,
-        min_peers=args.min_peers, lr=args.lr,
-        weight_decay=args.weight_decay, local_updates=args.local_updates,
-        average_state_every=args.average_state_every, matchmaking_time=args.matchmaking_time,
-        averaging_timeout=args.averaging_timeout, save_dir=args.save, save_every=args.save_every,
-        show_progress=not args.no_progress,
-    )
+    config = _train_config(args)
     starting = build_model(config.model, config.seed, config.num_layers)
-    data = prepare_data(data_config, starting.tokenizer)
+    data = prepare_data(config.data, starting.tokenizer)
     logging.getLogger("swarmlm").info(f"Data: {data.stats}")
     dht = create_dht([] if args.new_swarm else args.initial_peers, args.host_maddrs, args.announce_maddrs,
                      args.identity_path, use_nat_port_map=args.use_nat_port_map)
@@ -166,22 +171,42 @@ def cmd_train(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-
-    def print_epoch(stats) -> None:
-        print(f"EPOCH {stats.epoch} train_loss={stats.train_loss:.4f} val_loss={stats.val_loss:.4f} "
-              f"val_ppl={stats.val_perplexity:.2f} peers={stats.num_peers} "
-              f"samples_per_s={stats.swarm_samples_per_second:.1f} rounds_ok={sum(stats.averaging['completed'].values())} "
-              f"rounds_failed={sum(stats.averaging['failed'].values())}", flush=True)
-
     try:
         _print_maddrs(dht.get_visible_maddrs())
-        print(f"{READY_LINE} run {config.run_id} shard {data_config.shard_index}/{data_config.num_shards} "
+        print(f"{READY_LINE} run {config.run_id} shard {config.data.shard_index}/{config.data.num_shards} "
               f"({len(data.shard)} of {len(data.train)} samples)", flush=True)
-        result = Trainer(config, dht, starting, data, on_epoch=print_epoch, stop=stop).run()
+        trainer = Trainer(config, dht, starting, data, on_epoch=lambda stats: print(epoch_line(stats), flush=True),
+                          stop=stop)
+        result = trainer.run()
         summary = {key: value for key, value in result.to_dict().items() if key != "epochs"}
         print("DONE " + json.dumps(summary), flush=True)
     finally:
         shutdown_dht(dht)
+    return 0
+
+
+def _span_training_config(args):
+    """`swarmlm peer --train ...` -> SpanTrainingConfig (None without --train)."""
+    from swarmlm.training.span_trainer import SpanTrainingConfig
+
+    if not args.train:
+        return None
+    return SpanTrainingConfig(
+        run_id=args.train_run_id, target_batch_size=args.target_batch_size, lr=args.lr,
+        average_state_every=args.average_state_every, matchmaking_time=args.matchmaking_time,
+        averaging_timeout=args.averaging_timeout,
+    )
+
+
+def cmd_export(args) -> int:
+    """Writes the swarm's current blocks (+ the checkpoint's client tensors) as a checkpoint directory."""
+    from swarmlm.training.export import export_model
+
+    result = export_model(args.model, args.initial_peers, args.out, dht_prefix=args.dht_prefix)
+    for source in result.sources:
+        epoch = f"epoch {source.training_epoch}" if source.training_epoch is not None else "not training"
+        print(f"blocks {source.start}:{source.end} from peer {source.peer_id} ({epoch})", flush=True)
+    print(f"EXPORTED {result.path}", flush=True)
     return 0
 
 
@@ -255,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; printed as METRICS URL)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics listens (0.0.0.0: scrapable remotely)")
+    p.add_argument("--train", action="store_true",
+                   help="train the hosted blocks: backward passes accumulate gradients, and the peers hosting the "
+                        "same blocks average them and step together (needs --blocks; prints AVERAGING/EPOCH lines)")
+    p.add_argument("--train-run-id", default="swarmlm",
+                   help="with --train: replicas with the same run id train together")
+    p.add_argument("--target-batch-size", type=int, default=64,
+                   help="with --train: samples all replicas of the span process per epoch (one optimizer step)")
+    p.add_argument("--lr", type=float, default=1e-4, help="with --train: AdamW learning rate")
+    p.add_argument("--average-state-every", type=int, default=1,
+                   help="with --train: average parameters and Adam statistics every N epochs")
+    p.add_argument("--matchmaking-time", type=float, default=5.0,
+                   help="with --train: seconds to wait for replicas to form an averaging group")
+    p.add_argument("--averaging-timeout", type=float, default=30.0,
+                   help="with --train: abandon an averaging round after this many seconds")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("generate", help="generate text through a running swarm")
@@ -292,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--local-updates", action="store_true",
-                   help="DiLoCo-style: update locally every step, average parameters every --average-state-every epochs")
+                   help="DiLoCo-style: local steps; parameters are averaged every --average-state-every epochs")
     p.add_argument("--average-state-every", type=int, default=1,
                    help="average parameters and Adam statistics every N epochs (--epochs must be a multiple)")
     p.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to wait for peers to form a group")
@@ -302,6 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write the swarm's current (trained) blocks as a checkpoint directory")
+    p.add_argument("--model", required=True, help="the model the peers serve (its checkpoint gives the config, "
+                                                  "tokenizer, embeddings and head)")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm members")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the checkpoint directory to write (replaced atomically)")
+    p.add_argument("--dht-prefix", default=None, help="the model's name in the DHT (default: from --model)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("health", help="show which peers serve each block of each model; exit 1 if blocks are missing")
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any swarm members")

@@ -22,6 +22,7 @@ from swarmlm.errors import CacheBudgetError, RemotePeerError, RequestError
 
 PROTOCOL_VERSION = 1
 MAX_METADATA_BYTES = 64 * 1024
+STATE_CHUNK_BYTES = 2 * 1024**2  # rpc_state messages stay below the p2p daemon's 4 MiB message limit
 
 
 class _Wire(BaseModel):
@@ -58,6 +59,14 @@ class PeerInfo(_Wire):
     end: int = Field(ge=1)  # last block served (exclusive)
     free_cache_tokens: int = Field(ge=0)  # KV-cache tokens not reserved by open sessions
     accepting_sessions: bool  # False while the peer shuts down or moves to other blocks
+    training_epoch: Optional[int] = Field(default=None, ge=0)  # the span's epoch on a training peer; None: frozen
+
+
+class StateTensor(_Wire):
+    """Metadata of the first message of each tensor answered by rpc_state (its chunks follow)."""
+
+    name: str = Field(max_length=512)  # the tensor's name in the model's checkpoint (e.g. model.layers.3.mlp...)
+    training_epoch: Optional[int] = Field(default=None, ge=0)  # as in PeerInfo: the state's epoch, None if frozen
 
 
 class SpanService(ServicerBase):
@@ -96,6 +105,15 @@ class SpanService(ServicerBase):
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """(empty request) -> PeerInfo in metadata; cheap, so clients also use it to measure round-trip time"""
         raise NotImplementedError
+
+    async def rpc_state(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """SpanRequest(model, start, end) -> the blocks' current tensors, each as chunks of at most
+        STATE_CHUNK_BYTES (hivemind split_for_streaming), one message per chunk; a tensor's first message
+        carries StateTensor (its checkpoint name) in metadata. Taken in one snapshot between steps."""
+        raise NotImplementedError
+        yield
 
 
 def pack(meta: _Wire) -> bytes:
@@ -181,6 +199,7 @@ __all__ = [
     "InferenceStep",
     "PeerInfo",
     "SpanRequest",
+    "StateTensor",
     "StepResult",
     "deserialize_bounded",
     "check_response",

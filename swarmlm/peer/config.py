@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from swarmlm.training.span_trainer import SpanTrainingConfig
+
 
 @dataclass
 class PeerConfig:
@@ -36,6 +38,7 @@ class PeerConfig:
     startup_timeout: float = 60.0  # seconds to wait for the p2p daemon to start
     metrics_port: Optional[int] = None  # serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port)
     metrics_host: str = "127.0.0.1"  # where the metrics endpoint listens (0.0.0.0 to let other machines scrape)
+    training: Optional[SpanTrainingConfig] = None  # train the hosted blocks with their replicas; None: frozen weights
 
     def __post_init__(self):
         if (self.blocks is None) == (self.num_blocks is None):
@@ -48,3 +51,13 @@ class PeerConfig:
             raise ValueError("num_blocks must be >= 1")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must lie in [0, 65535], got {self.metrics_port}")
+        if self.training is not None:
+            if self.blocks is None:
+                raise ValueError("a training peer needs fixed blocks (--blocks A:B): replicas average by span, "
+                                 "and a peer that moved would leave its group")
+            if self.torch_dtype != "float32":
+                raise ValueError(f"a training peer keeps float32 weights; got torch_dtype={self.torch_dtype}")
+            if 2 * self.training.averaging_timeout > self.request_timeout:
+                raise ValueError(f"request_timeout ({self.request_timeout} s) must cover an epoch's averaging, a "
+                                 f"gradient and a parameter round of up to averaging_timeout "
+                                 f"({self.training.averaging_timeout} s) each: requests wait for it")

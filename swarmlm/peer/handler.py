@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
 
 from swarmlm.errors import RequestError
 from swarmlm.experts.protocol import (
     InferenceStep,
     PeerInfo,
+    STATE_CHUNK_BYTES,
     SpanRequest,
     SpanService,
+    StateTensor,
     StepResult,
     deserialize_bounded,
     error_response,
@@ -35,9 +39,13 @@ from swarmlm.monitoring.metrics import PeerMetrics
 from swarmlm.monitoring.rpc_tap import metered
 from swarmlm.peer.cache_budget import CacheBudget
 
+if TYPE_CHECKING:
+    from swarmlm.training.span_trainer import SpanTrainer
+
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INLINE_STEP_SECONDS = 0.003  # one-token steps faster than this run on the event loop, not the compute thread
 
 
 @dataclass(frozen=True)
@@ -54,15 +62,19 @@ class SpanHandler(SpanService):
     """Serves blocks [span.start, span.end) of `model`; requests may use any sub-span of it."""
 
     def __init__(self, span: BlockSpan, model: str, limits: Limits, budget: CacheBudget, dtype: torch.dtype,
-                 device: torch.device, metrics: Optional[PeerMetrics] = None):
+                 device: torch.device, metrics: Optional[PeerMetrics] = None, trainer: Optional[SpanTrainer] = None):
         self.span, self.model, self.limits, self.budget = span, model, limits, budget
         self.dtype, self.device = dtype, device
         self.metrics = metrics if metrics is not None else PeerMetrics()  # default: private, never exported
+        self.trainer = trainer  # set: backward also accumulates the span's parameter gradients (training peer)
         # torch's intra-op thread count is per thread under OpenMP: carry the process setting over
+        self.num_threads = torch.get_num_threads()
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-compute", initializer=torch.set_num_threads,
-                                          initargs=(torch.get_num_threads(),))
+                                          initargs=(self.num_threads,))
+        self._inline_threads_set = False  # inline steps run on the event loop's thread: set its count once
         self.accepting_sessions = True
         self.active_sessions = 0
+        self._token_step_seconds = float("inf")  # until measured, steps go to the compute thread
 
     # ---- validation of remote input -------------------------------------------------------------
 
@@ -179,6 +191,8 @@ class SpanHandler(SpanService):
             first, last = self._check_span(meta, span)
             tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
             hidden, grad, position_ids, mask = self._parse_inputs(tensors, expect_grad=True, prompts=prompts)
+            if self.trainer is not None and not torch.isfinite(grad).all():
+                raise RequestError("grad_outputs must be finite (this peer trains its blocks with them)")
             grads = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last, prompts)
             yield runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grads])
         except Exception as e:
@@ -186,22 +200,58 @@ class SpanHandler(SpanService):
         await _drain(requests)
 
     def _backward(self, span, hidden, grad, position_ids, mask, first, last, prompts=None) -> list[torch.Tensor]:
-        """-> [grad of hidden] (+ [grad of prompts] when deep prompts were sent)."""
+        """-> [grad of hidden] (+ [grad of prompts] when deep prompts were sent). On a training peer, the
+        gradients of the span's parameters go to the trainer (the micro-batch counts hidden.shape[0] samples)."""
+        trainer = self.trainer if self.trainer is not None and span is self.trainer.span else None
+        params = trainer.parameters if trainer is not None else []
         with torch.enable_grad():
             inputs = [hidden.detach().requires_grad_(True)]
             if prompts is not None:
                 inputs.append(prompts.detach().requires_grad_(True))
             output = span(inputs[0], position_ids, mask, first=first, last=last,
                           prompts=inputs[1] if prompts is not None else None)
-            grads = torch.autograd.grad(output, inputs, grad)
-        return [g.float() for g in grads]
+            grads = torch.autograd.grad(output, inputs + params, grad, allow_unused=bool(params))
+        if trainer is not None:
+            trainer.accumulate(grads[len(inputs):], batch_size=hidden.shape[0])  # blocks outside [first, last): None
+        return [g.float() for g in grads[:len(inputs)]]
 
     # ---- live state ----------------------------------------------------------------------------------
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         info = PeerInfo(start=self.span.start, end=self.span.end, free_cache_tokens=max(self.budget.free_tokens, 0),
-                        accepting_sessions=self.accepting_sessions)
+                        accepting_sessions=self.accepting_sessions,
+                        training_epoch=self.trainer.epoch if self.trainer is not None else None)
         return runtime_pb2.ExpertResponse(metadata=pack(info))
+
+    async def rpc_state(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """The current tensors of the requested blocks with their checkpoint names (see SpanService.rpc_state)."""
+        try:
+            request = await _first(requests, self.limits.request_timeout)
+            span, meta = self.span, unpack(request.metadata, SpanRequest)
+            first, last = self._check_span(meta, span)
+            if request.tensors or meta.prompt_tokens or meta.max_length is not None or meta.batch_size is not None:
+                raise RequestError("a state request names only the model and blocks (no tensors, prompts or session)")
+            epoch, named = await self._run(self._snapshot, span, first, last)
+            for name, tensor in named:
+                header = pack(StateTensor(name=name, training_epoch=epoch))
+                for i, chunk in enumerate(split_for_streaming(serialize(tensor), STATE_CHUNK_BYTES)):
+                    yield runtime_pb2.ExpertResponse(tensors=[chunk], metadata=header if i == 0 else b"")
+        except Exception as e:
+            yield self._error(e, "state", context)
+        await _drain(requests)
+
+    def _snapshot(self, span: BlockSpan, first: int, last: int) -> tuple[Optional[int], list[tuple[str, torch.Tensor]]]:
+        """(training epoch, [(checkpoint name, CPU copy)]) of blocks [first, last) of `span`, taken on the compute
+        thread, so that no optimizer step falls between two tensors."""
+        epoch = self.trainer.epoch if self.trainer is not None and span is self.trainer.span else None
+        named = []
+        for j in range(first, last):
+            prefix = f"{span.family.block_prefix}{span.start + j}."
+            named += [(prefix + name, tensor.detach().to("cpu", copy=True))
+                      for name, tensor in span.layers[j].state_dict().items()]
+        return epoch, named
 
     # ---- inference sessions (server-side KV cache) -------------------------------------------------
 
@@ -265,10 +315,25 @@ class SpanHandler(SpanService):
             raise RequestError(
                 f"step would grow the session to {step.position + hidden.shape[1]} tokens, beyond its max_length {session.max_length}"
             )
-        output = await self._run(self._step, session, step.position, hidden, position_ids, mask, prompts)
+        if hidden.shape[1] == 1 and self._token_step_seconds < INLINE_STEP_SECONDS:
+            # a one-token step this fast costs less than the hand-off to the compute thread and back
+            if not self._inline_threads_set:
+                torch.set_num_threads(self.num_threads)
+                self._inline_threads_set = True
+            output = self._step(session, step.position, hidden, position_ids, mask, prompts)
+        else:
+            output = await self._run(self._step, session, step.position, hidden, position_ids, mask, prompts)
         return runtime_pb2.ExpertResponse(tensors=[serialize(output)], metadata=pack(StepResult(position=session.length)))
 
     def _step(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
+        started = time.perf_counter()
+        try:
+            return self._compute_step(session, position, hidden, position_ids, new_mask, prompts)
+        finally:
+            if hidden.shape[1] == 1:  # running average of one-token steps: decides inline vs. compute thread
+                self._token_step_seconds = 0.8 * self._token_step_seconds + 0.2 * (time.perf_counter() - started)
+
+    def _compute_step(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
         with torch.inference_mode():
             if position < session.length:
                 session.cache.truncate(position)

@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import hivemind
 import torch
@@ -40,6 +40,8 @@ from swarmlm.peer.config import PeerConfig
 from swarmlm.peer.handler import Limits, SpanHandler
 from swarmlm.peer.rebalancing import plan_move
 from swarmlm.peer.throughput import measure_throughput
+from swarmlm.training.lifetime import children_die_with_this_process
+from swarmlm.training.span_trainer import SpanTrainer, TrainingReport
 from swarmlm.utils.aio import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class Peer:
-    def __init__(self, config: PeerConfig):
+    def __init__(self, config: PeerConfig, on_training_report: Optional[Callable[[TrainingReport], None]] = None):
         self.config = config
+        self.on_training_report = on_training_report  # training peers: called at each averaging round and epoch
+        self.trainer: Optional[SpanTrainer] = None  # set by start() when config.training is set
         self.dht: Optional[hivemind.DHT] = None
         self.handler: Optional[SpanHandler] = None
         self.span: Optional[BlockSpan] = None
@@ -104,6 +108,8 @@ class Peer:
         span = self._load_span(start, end)
         self.span = span
         self.throughput = c.throughput or measure_throughput(span, device, dtype)
+        if c.training is not None:
+            self.trainer = self._start_training(span)  # before any thread that serves starts (it forks)
         max_positions = getattr(model_config, "max_position_embeddings", 2048)
         limits = Limits(
             hidden_size=model_config.hidden_size,
@@ -114,7 +120,8 @@ class Peer:
             session_timeout=c.session_timeout,
         )
         self.budget = CacheBudget(c.max_cache_tokens, on_change=self._wake.set)
-        self.handler = SpanHandler(span, self.model_name, limits, self.budget, dtype, device, metrics=self.metrics)
+        self.handler = SpanHandler(span, self.model_name, limits, self.budget, dtype, device, metrics=self.metrics,
+                                   trainer=self.trainer)
         self.metrics.watch(active_sessions=lambda: self.handler.active_sessions,
                            cache_used_tokens=lambda: self.budget.max_tokens - self.budget.free_tokens,
                            cache_free_tokens=lambda: self.budget.free_tokens)
@@ -123,6 +130,8 @@ class Peer:
             logger.info(f"Serving metrics at {self.metrics_url}")
         self._loop = LoopThread("swarmlm-peer-rpc")
         self._loop.run(self._serve(), timeout=c.startup_timeout)
+        if self.trainer is not None:
+            self.trainer.start(self.handler.compute)
         self._announce(ServerState.ONLINE)
         self._announcer = threading.Thread(target=self._announce_loop, name="swarmlm-announcer", daemon=True)
         self._announcer.start()
@@ -151,6 +160,18 @@ class Peer:
             layer.self_attn.layer_idx = block - start  # its index in the new span's KV cache
             span.layers[block - start] = layer
         return span.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def _start_training(self, span: BlockSpan) -> SpanTrainer:
+        """Makes the span trainable (float32, requires grad) and joins its replicas' run, downloading their
+        state if they are already training. Optimizer steps run on the handler's compute thread, so every
+        request step that reads the parameters must run there too. Inference sessions stay allowed, but a
+        session on a training peer sees the weights change at each epoch."""
+        children_die_with_this_process()  # hivemind's averager processes, forked next, die with this peer
+        span.requires_grad_(True)
+        trainer = SpanTrainer(span, self.model_name, self.dht, self.config.training,
+                              on_report=self.on_training_report, record_round=self.metrics.record_averaging_round)
+        trainer.join()
+        return trainer
 
     @property
     def metrics_url(self) -> Optional[str]:
@@ -244,6 +265,8 @@ class Peer:
                 except Exception:
                     pass
             self._loop.stop()
+        if self.trainer is not None:  # no request arrives any more; leave the run on the compute thread
+            self.trainer.shutdown(self.handler.compute if self.handler is not None else None)
         if self.handler is not None:
             self.handler.shutdown()
         if self._announcer is not None:
