@@ -18,7 +18,8 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
 else
     echo "[install] torch $("$PYTHON" -c 'import torch; print(torch.__version__)') already installed"
 fi
-"$PYTHON" -m pip install -e ".[dev]"
+echo "[install] installing swarmlm and its dependencies"
+"$PYTHON" -m pip install -q --progress-bar off -e ".[dev]"
 
 # The health page test drives a real headless browser: install Debian's chromium where none is found.
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \

@@ -86,3 +86,18 @@ def test_gradients_flow_to_client_parameters(dist_model, local_model, tokenizer)
     torch.testing.assert_close(remote_head_grad, local_head_grad, atol=1e-5, rtol=1e-3)
     dist_model.zero_grad(set_to_none=True)
     local_model.zero_grad(set_to_none=True)
+
+
+def test_a_banned_sole_server_is_still_used(dist_model, local_model, tokenizer):
+    """A ban routes around a peer; when no other peer serves its blocks (one transient stream error of the
+    only server of a span), the client uses it anyway instead of failing with missing blocks."""
+    remote = dist_model.remote
+    for peer_id in remote.manager.candidates():
+        remote.bans.ban(peer_id)
+    try:
+        ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            torch.testing.assert_close(dist_model(ids).logits, local_model(ids).logits, atol=1e-3, rtol=0)
+    finally:
+        for peer_id in remote.manager.candidates():
+            remote.bans.clear(peer_id)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import threading
+import time
 from functools import partial
 
 import hivemind
@@ -34,12 +38,24 @@ def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=Non
 
 
 async def _exit_with_parent(dht: hivemind.DHT, node, *, parent_pid: int, period: float = 0.5) -> None:
-    """Runs inside the DHT process: when the process that started it dies (even by SIGKILL), stop
-    the node and its p2p daemon, so a crashed peer leaves no orphan and its streams close at once."""
+    """Runs inside the DHT process: starts a thread that, when the process that started the DHT dies (even
+    by SIGKILL), stops the node and its p2p daemon, so a crashed peer leaves no orphan and its streams close
+    at once. A plain thread, not a task: the event loop may be stuck (e.g. on a lock the dead parent held)."""
+    watcher = threading.Thread(target=_watch_parent, args=(asyncio.get_running_loop(), node, parent_pid, period),
+                               name="swarmlm-exit-with-parent", daemon=True)
+    watcher.start()
+
+
+def _watch_parent(loop: asyncio.AbstractEventLoop, node, parent_pid: int, period: float, grace: float = 5.0) -> None:
     while os.getppid() == parent_pid:
-        await asyncio.sleep(period)
+        time.sleep(period)
     try:
-        await asyncio.wait_for(node.shutdown(), timeout=5)
+        asyncio.run_coroutine_threadsafe(node.shutdown(), loop).result(grace)
+    except BaseException:
+        daemon = getattr(getattr(node, "p2p", None), "_child", None)  # the p2p daemon, if the shutdown hung
+        if daemon is not None and daemon.returncode is None:
+            with contextlib.suppress(OSError):
+                os.kill(daemon.pid, signal.SIGKILL)
     finally:
         os._exit(0)
 

@@ -74,7 +74,7 @@ class SpanHandler(SpanService):
         self._inline_threads_set = False  # inline steps run on the event loop's thread: set its count once
         self.accepting_sessions = True
         self.active_sessions = 0
-        self._token_step_seconds = float("inf")  # until measured, steps go to the compute thread
+        self._token_step_seconds: Optional[float] = None  # EWMA of one-token steps; None: not measured yet
 
     # ---- validation of remote input -------------------------------------------------------------
 
@@ -315,7 +315,8 @@ class SpanHandler(SpanService):
             raise RequestError(
                 f"step would grow the session to {step.position + hidden.shape[1]} tokens, beyond its max_length {session.max_length}"
             )
-        if hidden.shape[1] == 1 and self._token_step_seconds < INLINE_STEP_SECONDS:
+        if (hidden.shape[1] == 1 and self.trainer is None and self._token_step_seconds is not None
+                and self._token_step_seconds < INLINE_STEP_SECONDS):
             # a one-token step this fast costs less than the hand-off to the compute thread and back
             if not self._inline_threads_set:
                 torch.set_num_threads(self.num_threads)
@@ -331,7 +332,9 @@ class SpanHandler(SpanService):
             return self._compute_step(session, position, hidden, position_ids, new_mask, prompts)
         finally:
             if hidden.shape[1] == 1:  # running average of one-token steps: decides inline vs. compute thread
-                self._token_step_seconds = 0.8 * self._token_step_seconds + 0.2 * (time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                previous = self._token_step_seconds
+                self._token_step_seconds = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
 
     def _compute_step(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
         with torch.inference_mode():
