@@ -8,6 +8,10 @@ wall time of the whole generate() call, prompt prefill included), together with 
 swarm/local and the per-token overhead of the swarm in ms: (1/swarm - 1/local) * 1000. It also
 checks that both produce the same tokens.
 
+`--device cuda --torch-dtype bfloat16` runs the peers' blocks and the local baseline model on that
+device and dtype (the swarm client itself, embeddings and LM head, stays on the CPU in float32);
+on CUDA every timed run is bracketed by torch.cuda.synchronize().
+
 Models (Llama, fp32, 8 layers, vocab 32000, deterministic random weights) are written once to
 $SWARMLM_HOME/bench/ and reused:
     tiny:  hidden 256,  intermediate 688,  8 heads
@@ -15,7 +19,7 @@ $SWARMLM_HOME/bench/ and reused:
 
 Run:
     python benchmarks/bench_generation.py [--models tiny,large] [--new-tokens 64] [--repeats 3]
-        [--peer-threads 1] [--client-threads 1]
+        [--peer-threads 1] [--client-threads 1] [--device cpu] [--torch-dtype float32]
 """
 
 from __future__ import annotations
@@ -115,14 +119,23 @@ def model_dir(name: str) -> Path:
     return create_model_dir(path, ModelSpec("llama", MODELS[name]), max_shard_size="200MB")
 
 
-def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median tokens/s over `repeats` greedy runs after one warm-up; also returns the generated ids."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int,
+                  device: torch.device = torch.device("cpu")) -> tuple[float, torch.Tensor]:
+    """Median tokens/s over `repeats` greedy runs after one warm-up; also returns the generated ids.
+    `device`: where the model computes (on CUDA, queued kernels are waited for around each timed run)."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     output = model.generate(input_ids, **kwargs)  # warm-up
     speeds = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         output = model.generate(input_ids, **kwargs)
+        _sync(device)
         elapsed = time.perf_counter() - start
         speeds.append((output.shape[1] - input_ids.shape[1]) / elapsed)
     return statistics.median(speeds), output
@@ -139,7 +152,8 @@ def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -
         dht_maddrs = dht.wait_ready()
         for i, span in enumerate(SPANS):  # peers load in parallel
             nodes.append(Node(["peer", "--model", str(path), "--blocks", span, "--initial-peers", *dht_maddrs,
-                               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--num-threads", str(args.peer_threads)],
+                               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--num-threads", str(args.peer_threads),
+                               "--device", args.device, "--torch-dtype", args.torch_dtype],
                               log_dir / f"{name}-peer{i}.log", env))
         for peer in nodes[1:]:
             peer.wait_ready()
@@ -153,12 +167,15 @@ def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -
         for node in reversed(nodes):
             node.stop()
 
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    device = torch.device(args.device)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.torch_dtype)).to(device).eval()
     with torch.inference_mode():
-        local_tps, local_ids = time_generate(local, input_ids, args.new_tokens, args.repeats)
+        local_tps, local_ids = time_generate(local, input_ids.to(device), args.new_tokens, args.repeats, device)
     del local
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
-    result = Result(name, swarm_tps, local_tps, torch.equal(swarm_ids, local_ids))
+    result = Result(name, swarm_tps, local_tps, torch.equal(swarm_ids.cpu(), local_ids.cpu()))
     print(f"[{name}] swarm {result.swarm_tps:.1f} tok/s | local {result.local_tps:.1f} tok/s | "
           f"ratio {result.ratio:.3f} | overhead {result.overhead_ms:.2f} ms/token | "
           f"tokens match: {'yes' if result.match else 'NO'}", flush=True)
@@ -172,6 +189,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer-threads", type=int, default=1, help="--num-threads of each peer")
     parser.add_argument("--client-threads", type=int, default=1, help="torch threads of this process")
+    parser.add_argument("--device", default="cpu", help="torch device of the peers' blocks and of the local "
+                        "baseline, e.g. cuda or cuda:0 (the swarm client stays on the CPU)")
+    parser.add_argument("--torch-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the peers' blocks and of the local baseline")
     args = parser.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -182,7 +203,9 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     env = dict(os.environ, SWARMLM_HOME=str(swarmlm_home()))
     print(f"batch 1, prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens, greedy, median of "
-          f"{args.repeats} after 1 warm-up; peer threads {args.peer_threads}, client threads {args.client_threads}")
+          f"{args.repeats} after 1 warm-up; peer threads {args.peer_threads}, client threads {args.client_threads}"
+          + (f"; device {args.device}, dtype {args.torch_dtype}" if (args.device, args.torch_dtype) != ("cpu", "float32")
+             else ""))
     with tempfile.TemporaryDirectory(prefix="swarmlm-bench-") as log_dir:
         results = [bench_model(name, args, env, Path(log_dir)) for name in names]
 
