@@ -105,7 +105,7 @@ class InferenceSession:
             self._prompts = prompts.detach()
         output = self.remote.loop.run(self._step(hidden, position_ids, mask_chunk))
         self.position += seq
-        return output.to(hidden.dtype)
+        return output.to(hidden.device, hidden.dtype)
 
     async def _step(self, hidden, position_ids, mask_chunk) -> torch.Tensor:
         start, end = self.position, self.position + hidden.shape[1]

@@ -123,7 +123,7 @@ class RemoteSequential:
                 await attempts.failed(e, hop.peer_id)
                 continue
             hops.append((hop, hidden))
-            hidden, block = output.to(hidden.dtype), hop.end
+            hidden, block = output.to(hidden.device, hidden.dtype), hop.end
         return hidden, hops
 
     async def _backward_chain(self, hops, grad, position_ids, mask, prompts=None):
@@ -148,9 +148,9 @@ class RemoteSequential:
                 except RemotePeerError as e:
                     failed = e
                     break
-                piece_grad = piece_grad.to(grad.dtype)
+                piece_grad = piece_grad.to(grad.device, grad.dtype)
                 if piece_prompt_grad is not None:
-                    grad_prompts[piece.start:piece.end] = piece_prompt_grad.to(grad_prompts.dtype)
+                    grad_prompts[piece.start:piece.end] = piece_prompt_grad.to(grad_prompts.device, grad_prompts.dtype)
             if failed is None:
                 return piece_grad
             await attempts.failed(failed, failed.peer)

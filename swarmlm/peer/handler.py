@@ -315,8 +315,8 @@ class SpanHandler(SpanService):
             raise RequestError(
                 f"step would grow the session to {step.position + hidden.shape[1]} tokens, beyond its max_length {session.max_length}"
             )
-        if (hidden.shape[1] == 1 and self.trainer is None and self._token_step_seconds is not None
-                and self._token_step_seconds < INLINE_STEP_SECONDS):
+        if (hidden.shape[1] == 1 and self.trainer is None and self.device.type == "cpu"
+                and self._token_step_seconds is not None and self._token_step_seconds < INLINE_STEP_SECONDS):
             # a one-token step this fast costs less than the hand-off to the compute thread and back
             if not self._inline_threads_set:
                 torch.set_num_threads(self.num_threads)

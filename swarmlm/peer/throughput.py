@@ -19,5 +19,7 @@ def measure_throughput(span: BlockSpan, device: torch.device, dtype: torch.dtype
         start = time.perf_counter()
         for i in range(2, 2 + steps):
             span(hidden, torch.tensor([[i]], device=device), cache=cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
     return steps * span.num_blocks / max(elapsed, 1e-9)
