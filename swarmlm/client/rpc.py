@@ -35,10 +35,14 @@ def _inputs(hidden, position_ids, attention_mask, grad=None, prompts=None) -> li
 async def _unary_stream_call(p2p: P2P, peer_id: str, method: str, request: runtime_pb2.ExpertRequest,
                              timeout: float) -> list[torch.Tensor]:
     async def call():
-        stream = await getattr(_stub(p2p, peer_id), method)(_single(request))
-        async for response in stream:
-            return [deserialize_tensor(t) for t in check_response(peer_id, response).tensors]
-        raise RemotePeerError(peer_id, "closed the stream without an answer")
+        answered = asyncio.Event()
+        try:
+            stream = await getattr(_stub(p2p, peer_id), method)(request_until_answered(request, answered))
+            async for response in stream:
+                return [deserialize_tensor(t) for t in check_response(peer_id, response).tensors]
+            raise RemotePeerError(peer_id, "closed the stream without an answer")
+        finally:
+            answered.set()
 
     try:
         return await asyncio.wait_for(call(), timeout)
@@ -84,8 +88,12 @@ async def call_info(p2p, peer_id: str, timeout: float) -> PeerInfo:
         raise RemotePeerError(peer_id, f"probe failed: {type(e).__name__}: {e}") from e
 
 
-async def _single(item):
-    yield item
+async def request_until_answered(request: runtime_pb2.ExpertRequest, answered: asyncio.Event):
+    """Our side of a request/answer stream: sends `request`, then stays open until `answered` is set (the
+    whole answer read). Peers close their side only after ours ends (handler `_drain`), so the answer is
+    never torn down in flight by a peer closing first (the p2p daemons may then drop the stream's tail)."""
+    yield request
+    await answered.wait()
 
 
 class InferenceStream:

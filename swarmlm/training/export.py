@@ -37,7 +37,7 @@ except ImportError:  # older 5.x releases: initialize, then overwrite
     from contextlib import nullcontext as no_init_weights
 
 from swarmlm.client.config import ClientConfig
-from swarmlm.client.rpc import call_info
+from swarmlm.client.rpc import call_info, request_until_answered
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.dht.records import ServerState
 from swarmlm.dht.registry import fetch_block_records
@@ -173,6 +173,12 @@ class _StateReader:
         self.tensors[name] = tensor.float()
         self._name, self._parts = None, []
 
+    def complete(self) -> bool:
+        """Every expected tensor arrived whole (the peer has nothing more to send)."""
+        if self._name is not None and len(self._parts) == max(self._parts[0].chunks, 1):
+            self._finish_tensor()
+        return self.tensors.keys() == self.expected.keys()
+
     def finish(self) -> SpanState:
         self._finish_tensor()
         missing = sorted(set(self.expected) - set(self.tensors))
@@ -197,12 +203,18 @@ async def call_state(p2p: P2P, peer_id: str, request: SpanRequest, expected: dic
     """The current tensors of blocks [request.start, request.end) on one peer (rpc_state), validated against
     `expected` ({checkpoint name: shape}). Raises RemotePeerError on any failure or invalid answer."""
     async def call() -> SpanState:
-        stub = SpanService.get_stub(p2p, PeerID.from_base58(peer_id))
-        stream = await stub.rpc_state(_single(runtime_pb2.ExpertRequest(metadata=pack(request))))
-        reader = _StateReader(peer_id, expected)
-        async for response in stream:
-            reader.add(check_response(peer_id, response))
-        return reader.finish()
+        stub, answered = SpanService.get_stub(p2p, PeerID.from_base58(peer_id)), asyncio.Event()
+        try:
+            stream = await stub.rpc_state(request_until_answered(runtime_pb2.ExpertRequest(metadata=pack(request)),
+                                                                 answered))
+            reader = _StateReader(peer_id, expected)
+            async for response in stream:
+                reader.add(check_response(peer_id, response))
+                if reader.complete():
+                    break
+            return reader.finish()
+        finally:
+            answered.set()
 
     try:
         return await asyncio.wait_for(call(), timeout)
@@ -213,10 +225,6 @@ async def call_state(p2p: P2P, peer_id: str, request: SpanRequest, expected: dic
                                        f"within {timeout} s") from None
     except Exception as e:
         raise RemotePeerError(peer_id, f"{type(e).__name__}: {e}") from e
-
-
-async def _single(item):
-    yield item
 
 
 def fetch_span_state(remote: RemoteSequential, peer_id: str, start: int, end: int, expected: dict[str, tuple],
