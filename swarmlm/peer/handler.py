@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Optional
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INLINE_STEP_SECONDS = 0.003  # one-token steps faster than this run on the event loop, not the compute thread
 
 
 @dataclass(frozen=True)
@@ -68,13 +66,10 @@ class SpanHandler(SpanService):
         self.metrics = metrics if metrics is not None else PeerMetrics()  # default: private, never exported
         self.trainer = trainer  # set: backward also accumulates the span's parameter gradients (training peer)
         # torch's intra-op thread count is per thread under OpenMP: carry the process setting over
-        self.num_threads = torch.get_num_threads()
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-compute", initializer=torch.set_num_threads,
-                                          initargs=(self.num_threads,))
-        self._inline_threads_set = False  # inline steps run on the event loop's thread: set its count once
+                                          initargs=(torch.get_num_threads(),))
         self.accepting_sessions = True
         self.active_sessions = 0
-        self._token_step_seconds: Optional[float] = None  # EWMA of one-token steps; None: not measured yet
 
     # ---- validation of remote input -------------------------------------------------------------
 
@@ -315,28 +310,10 @@ class SpanHandler(SpanService):
             raise RequestError(
                 f"step would grow the session to {step.position + hidden.shape[1]} tokens, beyond its max_length {session.max_length}"
             )
-        if (hidden.shape[1] == 1 and self.trainer is None and self.device.type == "cpu"
-                and self._token_step_seconds is not None and self._token_step_seconds < INLINE_STEP_SECONDS):
-            # a one-token step this fast costs less than the hand-off to the compute thread and back
-            if not self._inline_threads_set:
-                torch.set_num_threads(self.num_threads)
-                self._inline_threads_set = True
-            output = self._step(session, step.position, hidden, position_ids, mask, prompts)
-        else:
-            output = await self._run(self._step, session, step.position, hidden, position_ids, mask, prompts)
+        output = await self._run(self._step, session, step.position, hidden, position_ids, mask, prompts)
         return runtime_pb2.ExpertResponse(tensors=[serialize(output)], metadata=pack(StepResult(position=session.length)))
 
     def _step(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
-        started = time.perf_counter()
-        try:
-            return self._compute_step(session, position, hidden, position_ids, new_mask, prompts)
-        finally:
-            if hidden.shape[1] == 1:  # running average of one-token steps: decides inline vs. compute thread
-                elapsed = time.perf_counter() - started
-                previous = self._token_step_seconds
-                self._token_step_seconds = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
-
-    def _compute_step(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
         with torch.inference_mode():
             if position < session.length:
                 session.cache.truncate(position)
