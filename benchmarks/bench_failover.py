@@ -29,7 +29,8 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
-from bench_generation import MODELS, PROMPT_TOKENS, Node, model_dir
+from bench_generation import MODELS, PROMPT_TOKENS, model_dir
+from nodes import Node
 from swarmlm import AutoDistributedModelForCausalLM
 from swarmlm.dht.records import ServerState
 from swarmlm.dht.registry import fetch_block_records

@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from nodes import Node  # benchmarks/ is on sys.path when a benchmark runs as a script
 from swarmlm import AutoDistributedModelForCausalLM
 from swarmlm.models.embedded import ModelSpec, create_model_dir, swarmlm_home
 
@@ -51,7 +49,6 @@ MODELS = {
 }
 SPANS = ("0:4", "4:8")
 PROMPT_TOKENS = 16
-STARTUP_TIMEOUT = 600.0  # seconds for a node to print READY (the large peers measure throughput first)
 
 
 @dataclass
@@ -68,48 +65,6 @@ class Result:
     @property
     def overhead_ms(self) -> float:
         return (1 / self.swarm_tps - 1 / self.local_tps) * 1000
-
-
-class Node:
-    """A `python -m swarmlm.cli ...` subprocess; collects the multiaddrs it prints before READY."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict):
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "swarmlm.cli", *args, "--log-level", "warning"],
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()  # also keeps draining the pipe
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self._lines.put(line.strip())
-        self._lines.put(None)
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> list[str]:
-        maddrs, deadline = [], time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                line = None
-            if line is None:
-                tail = self.log_path.read_text()[-3000:]
-                raise RuntimeError(f"{self.proc.args[2:4]} did not print READY (exit code {self.proc.poll()}):\n{tail}")
-            if line.startswith("READY"):
-                return maddrs
-            if line.startswith("/"):
-                maddrs.append(line)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def model_dir(name: str) -> Path:

@@ -19,66 +19,31 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
+from nodes import Node
 from swarmlm.models.embedded import DEFAULT_MODEL, swarmlm_home
 
 STARTUP_TIMEOUT = 300.0
 
 
-class Trainer:
+class Trainer(Node):
     """A `swarmlm train` subprocess; records when each EPOCH line arrives."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict):
-        self._log = open(log_path, "w")
-        self.log_path = log_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "swarmlm.cli", "train", *args], stdout=subprocess.PIPE,
-                                     stderr=self._log, text=True, env=env)
-        self.maddrs: list[str] = []
+        super().__init__(["train", *args], log_path, env)
         self.epoch_times: dict[int, float] = {}
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self._lines.put((time.monotonic(), line.strip()))
-        self._lines.put((time.monotonic(), None))
-
-    def wait_for(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                arrived, line = self._lines.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                line = None
-            if line is None:
-                tail = self.log_path.read_text()[-3000:]
-                raise RuntimeError(f"trainer did not print {prefix} (exit code {self.proc.poll()}):\n{tail}")
-            if line.startswith("/"):
-                self.maddrs.append(line)
-            elif line.startswith("EPOCH"):
-                self.epoch_times[int(line.split()[1])] = arrived
-            if line.startswith(prefix):
-                return line
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+    def on_line(self, arrived: float, line: str) -> None:
+        super().on_line(arrived, line)
+        if line.startswith("EPOCH"):
+            self.epoch_times[int(line.split()[1])] = arrived
 
 
 def swarm_samples_per_second(num_trainers: int, args, env: dict, log_dir: Path) -> float:

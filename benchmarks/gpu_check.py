@@ -30,7 +30,8 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generation import Node, model_dir  # noqa: E402
+from bench_generation import model_dir  # noqa: E402
+from nodes import Node  # noqa: E402
 
 from swarmlm import AutoDistributedModelForCausalLM  # noqa: E402
 from swarmlm.models.checkpoint import resolve_model  # noqa: E402
