@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Awaitable, TypeVar
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -21,6 +23,8 @@ from swarmlm.experts.protocol import (
     unpack,
 )
 
+T = TypeVar("T")
+
 
 def _stub(p2p: P2P, peer_id: str):
     return SpanService.get_stub(p2p, PeerID.from_base58(peer_id))
@@ -32,26 +36,45 @@ def _inputs(hidden, position_ids, attention_mask, grad=None, prompts=None) -> li
     return tensors + ([prompts.detach()] if prompts is not None else [])
 
 
-async def _unary_stream_call(p2p: P2P, peer_id: str, method: str, request: runtime_pb2.ExpertRequest,
-                             timeout: float) -> list[torch.Tensor]:
-    async def call():
-        answered = asyncio.Event()
-        try:
-            stream = await getattr(_stub(p2p, peer_id), method)(request_until_answered(request, answered))
-            async for response in stream:
-                return [deserialize_tensor(t) for t in check_response(peer_id, response).tensors]
-            raise RemotePeerError(peer_id, "closed the stream without an answer")
-        finally:
-            answered.set()
-
+async def call_peer(peer_id: str, call: Awaitable[T], timeout: float, timeout_message: str, what: str = "") -> T:
+    """Awaits `call` (a request to `peer_id`) for at most `timeout` s; every failure becomes RemotePeerError:
+    a timeout says `timeout_message`, anything else "`what`ExceptionType: message"."""
     try:
-        return await asyncio.wait_for(call(), timeout)
+        return await asyncio.wait_for(call, timeout)
     except RemotePeerError:
         raise
     except asyncio.TimeoutError:
-        raise RemotePeerError(peer_id, f"no answer within {timeout} s") from None
+        raise RemotePeerError(peer_id, timeout_message) from None
     except Exception as e:
-        raise RemotePeerError(peer_id, f"{type(e).__name__}: {e}") from e
+        raise RemotePeerError(peer_id, f"{what}{type(e).__name__}: {e}") from e
+
+
+@contextlib.asynccontextmanager
+async def answer_stream(p2p: P2P, peer_id: str, method: str, request: runtime_pb2.ExpertRequest):
+    """The peer's answer stream to `request` (one message) over rpc `method`. Our side of the stream stays
+    open until the block exits (the whole answer read): peers close their side only after ours ends
+    (handler `_drain`), so a peer never closes first, which could make the p2p daemons drop the answer's tail."""
+    answered = asyncio.Event()
+
+    async def requests():
+        yield request
+        await answered.wait()
+
+    try:
+        yield await getattr(_stub(p2p, peer_id), method)(requests())
+    finally:
+        answered.set()
+
+
+async def _unary_stream_call(p2p: P2P, peer_id: str, method: str, request: runtime_pb2.ExpertRequest,
+                             timeout: float) -> list[torch.Tensor]:
+    async def call():
+        async with answer_stream(p2p, peer_id, method, request) as stream:
+            async for response in stream:
+                return [deserialize_tensor(t) for t in check_response(peer_id, response).tensors]
+        raise RemotePeerError(peer_id, "closed the stream without an answer")
+
+    return await call_peer(peer_id, call(), timeout, f"no answer within {timeout} s")
 
 
 async def call_forward(p2p, peer_id, span: SpanRequest, hidden, position_ids, attention_mask, timeout,
@@ -77,23 +100,11 @@ async def call_backward(p2p, peer_id, span: SpanRequest, hidden, grad, position_
 
 async def call_info(p2p, peer_id: str, timeout: float) -> PeerInfo:
     """The peer's live state (rpc_info); also a round-trip probe. Raises RemotePeerError on failure."""
-    try:
-        response = await asyncio.wait_for(_stub(p2p, peer_id).rpc_info(runtime_pb2.ExpertRequest()), timeout)
+    async def call():
+        response = await _stub(p2p, peer_id).rpc_info(runtime_pb2.ExpertRequest())
         return unpack(check_response(peer_id, response).metadata, PeerInfo)
-    except RemotePeerError:
-        raise
-    except asyncio.TimeoutError:
-        raise RemotePeerError(peer_id, f"no answer to a probe within {timeout} s") from None
-    except Exception as e:
-        raise RemotePeerError(peer_id, f"probe failed: {type(e).__name__}: {e}") from e
 
-
-async def request_until_answered(request: runtime_pb2.ExpertRequest, answered: asyncio.Event):
-    """Our side of a request/answer stream: sends `request`, then stays open until `answered` is set (the
-    whole answer read). Peers close their side only after ours ends (handler `_drain`), so the answer is
-    never torn down in flight by a peer closing first (the p2p daemons may then drop the stream's tail)."""
-    yield request
-    await answered.wait()
+    return await call_peer(peer_id, call(), timeout, f"no answer to a probe within {timeout} s", "probe failed: ")
 
 
 class InferenceStream:

@@ -154,6 +154,14 @@ class SpanHandler(SpanService):
         except asyncio.TimeoutError:
             raise RequestError(f"the step took longer than the peer's timeout of {self.limits.request_timeout} s") from None
 
+    async def _span_request(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+        """The one message of a stateless call -> (request, its SpanRequest, the span it runs on (a later move
+        of this peer does not affect the call), first and last block within that span)."""
+        request = await _first(requests, self.limits.request_timeout)
+        span, meta = self.span, unpack(request.metadata, SpanRequest)
+        first, last = self._check_span(meta, span)
+        return request, meta, span, first, last
+
     # ---- forward / backward (stateless) ------------------------------------------------------------
 
     @metered("forward")
@@ -161,9 +169,7 @@ class SpanHandler(SpanService):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
-            request = await _first(requests, self.limits.request_timeout)
-            span, meta = self.span, unpack(request.metadata, SpanRequest)
-            first, last = self._check_span(meta, span)
+            request, meta, span, first, last = await self._span_request(requests)
             tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
             hidden, _, position_ids, mask = self._parse_inputs(tensors, prompts=prompts)
             output = await self._run(self._forward, span, hidden, position_ids, mask, first, last, prompts)
@@ -181,9 +187,7 @@ class SpanHandler(SpanService):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
-            request = await _first(requests, self.limits.request_timeout)
-            span, meta = self.span, unpack(request.metadata, SpanRequest)
-            first, last = self._check_span(meta, span)
+            request, meta, span, first, last = await self._span_request(requests)
             tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
             hidden, grad, position_ids, mask = self._parse_inputs(tensors, expect_grad=True, prompts=prompts)
             if self.trainer is not None and not torch.isfinite(grad).all():
@@ -223,9 +227,7 @@ class SpanHandler(SpanService):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """The current tensors of the requested blocks with their checkpoint names (see SpanService.rpc_state)."""
         try:
-            request = await _first(requests, self.limits.request_timeout)
-            span, meta = self.span, unpack(request.metadata, SpanRequest)
-            first, last = self._check_span(meta, span)
+            request, meta, span, first, last = await self._span_request(requests)
             if request.tensors or meta.prompt_tokens or meta.max_length is not None or meta.batch_size is not None:
                 raise RequestError("a state request names only the model and blocks (no tensors, prompts or session)")
             epoch, named = await self._run(self._snapshot, span, first, last)

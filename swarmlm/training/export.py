@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
 from safetensors import safe_open
@@ -37,7 +37,7 @@ except ImportError:  # older 5.x releases: initialize, then overwrite
     from contextlib import nullcontext as no_init_weights
 
 from swarmlm.client.config import ClientConfig
-from swarmlm.client.rpc import call_info, request_until_answered
+from swarmlm.client.rpc import answer_stream, call_info, call_peer
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.dht.records import ServerState
 from swarmlm.dht.registry import fetch_block_records
@@ -46,7 +46,6 @@ from swarmlm.experts.families import ModelFamily, family_for_config
 from swarmlm.experts.protocol import (
     PeerInfo,
     SpanRequest,
-    SpanService,
     StateTensor,
     check_response,
     deserialize_bounded,
@@ -203,28 +202,17 @@ async def call_state(p2p: P2P, peer_id: str, request: SpanRequest, expected: dic
     """The current tensors of blocks [request.start, request.end) on one peer (rpc_state), validated against
     `expected` ({checkpoint name: shape}). Raises RemotePeerError on any failure or invalid answer."""
     async def call() -> SpanState:
-        stub, answered = SpanService.get_stub(p2p, PeerID.from_base58(peer_id)), asyncio.Event()
-        try:
-            stream = await stub.rpc_state(request_until_answered(runtime_pb2.ExpertRequest(metadata=pack(request)),
-                                                                 answered))
+        state_request = runtime_pb2.ExpertRequest(metadata=pack(request))
+        async with answer_stream(p2p, peer_id, "rpc_state", state_request) as stream:
             reader = _StateReader(peer_id, expected)
             async for response in stream:
                 reader.add(check_response(peer_id, response))
                 if reader.complete():
                     break
             return reader.finish()
-        finally:
-            answered.set()
 
-    try:
-        return await asyncio.wait_for(call(), timeout)
-    except RemotePeerError:
-        raise
-    except asyncio.TimeoutError:
-        raise RemotePeerError(peer_id, f"did not send the state of blocks {request.start}:{request.end} "
-                                       f"within {timeout} s") from None
-    except Exception as e:
-        raise RemotePeerError(peer_id, f"{type(e).__name__}: {e}") from e
+    return await call_peer(peer_id, call(), timeout,
+                           f"did not send the state of blocks {request.start}:{request.end} within {timeout} s")
 
 
 def fetch_span_state(remote: RemoteSequential, peer_id: str, start: int, end: int, expected: dict[str, tuple],
