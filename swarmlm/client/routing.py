@@ -52,22 +52,26 @@ class SequenceManager:
         self.refresh()
         return self._records
 
-    def make_route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset(), *,
+    def make_route(self, start: int = 0, end: int | None = None, avoid: frozenset[str] = frozenset(), *,
                    mode: str = "latency", cache_tokens: int = 0) -> list[RouteHop]:
         """The cheapest chain of hops covering blocks [start, end), by `route_cost`.
 
         mode="latency" (inference): least expected step time. mode="throughput" (forward/backward):
         each peer's compute time is scaled by a random Exp(1) factor, so among equal routes a peer is
         picked with probability proportional to its throughput and load spreads over replicas.
-        Raises MissingBlocksError if the ONLINE peers outside `exclude` leave a gap.
+        Peers in `avoid` (recently failed) are used only if the others leave a gap: avoiding a peer must
+        not lose blocks. Raises MissingBlocksError if the ONLINE peers leave a gap (re-reading the DHT first).
         """
         end = self.num_blocks if end is None else end
-        route = self._cheapest(start, end, exclude, mode, cache_tokens)
+        route = self._cheapest(start, end, avoid, mode, cache_tokens)
         if route is None:
             self.refresh(force=True)
-            route = self._cheapest(start, end, exclude, mode, cache_tokens)
+            route = self._cheapest(start, end, avoid, mode, cache_tokens)
+        if route is None and avoid:
+            logger.info(f"Blocks {start}:{end}: only recently failed peers cover them; trying those again")
+            route = self._cheapest(start, end, frozenset(), mode, cache_tokens)
         if route is None:
-            raise MissingBlocksError(self.model, self._missing(start, end, exclude), self.hint)
+            raise MissingBlocksError(self.model, self._missing(start, end), self.hint)
         return route
 
     def candidates(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> set[str]:
@@ -114,10 +118,10 @@ class SequenceManager:
         penalty = CACHE_PENALTY if cache_tokens > record.free_cache_tokens else 0.0
         return rtt + compute + penalty
 
-    def _missing(self, start: int, end: int, exclude: frozenset[str]) -> list[tuple[int, int]]:
+    def _missing(self, start: int, end: int) -> list[tuple[int, int]]:
         missing, run_start = [], None
         for block in range(start, end):
-            served = any(r.state == ServerState.ONLINE and r.peer_id not in exclude for r in self._records[block])
+            served = any(r.state == ServerState.ONLINE for r in self._records[block])
             if not served and run_start is None:
                 run_start = block
             if served and run_start is not None:

@@ -69,7 +69,7 @@ class RemoteSequential:
         await asyncio.gather(*(probe_one(peer_id) for peer_id in peer_ids))
 
     async def make_route(self, start: int, end: int, *, mode: str, cache_tokens: int = 0) -> list[RouteHop]:
-        """A route for blocks [start, end) that avoids banned peers; probes peers seen for the first time.
+        """A route for blocks [start, end) that avoids banned peers where it can; probes peers seen for the first time.
 
         Runs the blocking DHT reads in a worker thread, so the event loop keeps serving other streams.
         """
@@ -78,17 +78,7 @@ class RemoteSequential:
         new_peers = self.manager.latencies.unknown(self.manager.candidates(start, end, self.bans.banned()))
         if new_peers:
             await self.probe(new_peers)
-        banned = self.bans.banned()
-        route = partial(self.manager.make_route, start, end, banned, mode=mode, cache_tokens=cache_tokens)
-        try:
-            return await loop.run_in_executor(None, route)
-        except MissingBlocksError:
-            if not banned:
-                raise
-        # only banned peers serve some of these blocks: a ban routes around a peer, it must not lose blocks
-        # (e.g. one transient stream error of the sole server of a span); Attempts still bounds the retries
-        logger.info(f"Blocks {start}:{end}: only recently failed peers cover them; trying those again")
-        route = partial(self.manager.make_route, start, end, frozenset(), mode=mode, cache_tokens=cache_tokens)
+        route = partial(self.manager.make_route, start, end, self.bans.banned(), mode=mode, cache_tokens=cache_tokens)
         return await loop.run_in_executor(None, route)
 
     # ---- forward / backward ----------------------------------------------------------------------
