@@ -81,6 +81,12 @@ class SequenceManager:
         return {r.peer_id for block in range(start, end) for r in records[block]
                 if r.state == ServerState.ONLINE and r.peer_id not in exclude}
 
+    def announcing(self, spans: list[tuple[int, int]]) -> set[str]:
+        """Peers that announce (ONLINE or JOINING) any block of `spans` in the records last read (no DHT read)."""
+        records = self._records
+        return {r.peer_id for start, end in spans for block in range(start, end) for r in records[block]
+                if r.state != ServerState.OFFLINE}
+
     def _cheapest(self, start: int, end: int, exclude: frozenset[str], mode: str, cache_tokens: int):
         records = self.block_records()
         serving = [{r.peer_id: r for r in records[block] if r.state == ServerState.ONLINE and r.peer_id not in exclude}

@@ -30,6 +30,11 @@ class _Hop:
     length: int = 0  # tokens this hop's peer holds for the session
 
 
+def _close_all(hops: list[_Hop]) -> None:
+    for hop in hops:
+        hop.stream.close()
+
+
 class _History:
     """Everything the session sent so far: inputs of each block boundary, position ids, mask."""
 
@@ -129,6 +134,7 @@ class InferenceSession:
                 await attempts.failed(e, e.peer)
                 await self._replace(i, attempts)
                 continue
+            self.remote.bans.clear(hop.route.peer_id)  # O(1) unless the peer has failures on record
             if hop.route.end < self.remote.num_blocks:
                 history.write(hop.route.end, hop.length, output)
             hop.length, i = end, i + 1
@@ -145,13 +151,23 @@ class InferenceSession:
         )
 
     async def _open(self, start: int, end: int) -> list[_Hop]:
-        """Opens streams on the cheapest route for blocks [start, end) (their answers come with the first step)."""
+        """Opens streams on the cheapest route for blocks [start, end) (their answers come with the first step).
+        If any of them fails to open, all are closed (so no peer keeps a KV reservation for a session that
+        will never step) and the first error is raised."""
         cache_tokens = self._batch * self.max_length
         route = await self.remote.make_route(start, end, mode="latency", cache_tokens=cache_tokens)
         hops = [_Hop(r, InferenceStream(r.peer_id, self.remote.span_request(
             r, max_length=self.max_length, batch_size=self._batch))) for r in route]
         logger.info(f"Route for blocks {start}:{end}: " + " -> ".join(f"{r.peer_id[-6:]}[{r.start}:{r.end}]" for r in route))
-        await asyncio.gather(*(hop.stream.open(self.remote.p2p) for hop in hops))
+        try:
+            results = await asyncio.gather(*(hop.stream.open(self.remote.p2p) for hop in hops), return_exceptions=True)
+        except BaseException:  # cancelled
+            _close_all(hops)
+            raise
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            _close_all(hops)
+            raise errors[0]
         return hops
 
     async def _replace(self, i: int, attempts) -> None:

@@ -112,6 +112,7 @@ class RemoteSequential:
             except RemotePeerError as e:
                 await attempts.failed(e, hop.peer_id)
                 continue
+            self.bans.clear(hop.peer_id)
             hops.append((hop, hidden))
             hidden, block = output.to(hidden.device, hidden.dtype), hop.end
         return hidden, hops
@@ -138,6 +139,7 @@ class RemoteSequential:
                 except RemotePeerError as e:
                     failed = e
                     break
+                self.bans.clear(piece.peer_id)
                 piece_grad = piece_grad.to(grad.device, grad.dtype)
                 if piece_prompt_grad is not None:
                     grad_prompts[piece.start:piece.end] = piece_prompt_grad.to(grad_prompts.device, grad_prompts.dtype)
@@ -164,8 +166,8 @@ class Attempts:
 
     async def failed(self, error: Exception, peer_id: Optional[str] = None) -> None:
         config, bans = self.remote.config, self.remote.bans
-        if isinstance(error, MissingBlocksError) and not bans.banned():
-            raise error  # nobody serves these blocks at all: retrying would not help
+        if isinstance(error, MissingBlocksError) and not self._banned_peer_announces(error.missing):
+            raise error  # no peer, banned or not, serves these blocks: retrying would not help
         self.failures += 1
         if peer_id is not None:
             duration = bans.ban(peer_id)
@@ -173,7 +175,19 @@ class Attempts:
         if self.failures > config.max_retries:
             raise SwarmError(f"{self.what} failed after {self.failures} attempts; last error: {error}") from error
         if self.failures > 1:
-            await asyncio.sleep(min(config.retry_backoff * 2 ** (self.failures - 2), config.max_backoff))
+            await asyncio.sleep(self.backoff(self.failures))
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait before retrying after `failures` failures in a row: none after the first, then
+        retry_backoff, doubling, at most max_backoff."""
+        config = self.remote.config
+        return 0.0 if failures < 2 else min(config.retry_backoff * 2 ** (failures - 2), config.max_backoff)
+
+    def _banned_peer_announces(self, missing: list[tuple[int, int]]) -> bool:
+        """Whether a banned peer announces some of the `missing` blocks (ONLINE or JOINING) in the records last
+        read: only then may the gap close on a retry (the route could not use that peer, or it is loading)."""
+        banned = self.remote.bans.banned()
+        return bool(banned) and bool(banned & self.remote.manager.announcing(missing))
 
 
 class _RemoteChain(torch.autograd.Function):
