@@ -12,6 +12,7 @@
 
 Run:
     python benchmarks/bench_failover.py [--model tiny] [--new-tokens 64] [--update-period 2] [--balance-period 2]
+                                        [--cover-timeout 120]
 """
 
 from __future__ import annotations
@@ -117,6 +118,16 @@ def covered(dht, model: str, num_blocks: int, alive: set[str]) -> bool:
     return all(any(r.state == ServerState.ONLINE and r.peer_id in alive for r in block) for block in records)
 
 
+def wait_covered(dht, model: str, num_blocks: int, alive: set[str], timeout: float, what: str) -> None:
+    """Polls the DHT until the `alive` peers cover every block; raises TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not covered(dht, model, num_blocks, alive):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: the peers did not cover all {num_blocks} blocks within {timeout:.0f} s "
+                               f"(see the peer logs; a slower machine may need a larger --cover-timeout)")
+        time.sleep(0.1)
+
+
 def bench_recover(path: Path, args, env: dict, log_dir: Path) -> None:
     nodes, client = [], None
     try:
@@ -132,16 +143,14 @@ def bench_recover(path: Path, args, env: dict, log_dir: Path) -> None:
             peers[node.wait_ready()[0].rsplit("/p2p/", 1)[1]] = node
         client = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=maddrs)
         dht_view = client.remote.dht
-        while not covered(dht_view, client.remote.model, 8, set(peers)):
-            time.sleep(0.1)
+        wait_covered(dht_view, client.remote.model, 8, set(peers), args.cover_timeout, "3 movable peers")
         records = fetch_block_records(dht_view, client.remote.model, 8)
         sole = next(r.peer_id for block in records for r in block
                     if [x.state for x in block].count(ServerState.ONLINE) == 1 and r.state == ServerState.ONLINE)
         killed_at = time.perf_counter()
         peers[sole].proc.send_signal(signal.SIGKILL)
         alive = set(peers) - {sole}
-        while not covered(dht_view, client.remote.model, 8, alive):
-            time.sleep(0.1)
+        wait_covered(dht_view, client.remote.model, 8, alive, args.cover_timeout, "after the kill")
         print(f"[re-cover] a gap left by a killed peer closed in {time.perf_counter() - killed_at:.1f} s "
               f"(update period {args.update_period} s: its record lives {2 * args.update_period:.0f} s; "
               f"balance period {args.balance_period} s)")
@@ -158,6 +167,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--update-period", type=float, default=2.0)
     parser.add_argument("--balance-period", type=float, default=2.0)
+    parser.add_argument("--cover-timeout", type=float, default=120.0,
+                        help="seconds to wait for the movable peers to cover every block before giving up")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
