@@ -61,3 +61,24 @@ def test_hysteresis_needs_a_clear_gain():
     move = plan_move(_swarm((0, 4), (0, 4), (0, 4), (4, 8)), margin=0.2)
     assert (move.start, move.end, move.bottleneck) == (4, 8, 20.0)
     assert plan_move(_swarm((0, 4), (0, 4), (0, 4), (4, 8)), margin=1.5) is None
+
+
+def test_a_block_only_a_joining_peer_announces_is_not_covered():
+    """Clients route only to ONLINE peers: no move may leave a block to a peer that is still loading,
+    but the capacity it brings still steers where peers go."""
+    from swarmlm.peer.rebalancing import plan_move
+
+    def rec(peer, state, start, end, movable=True):
+        return ServerRecord(peer_id=peer, state=state, start=start, end=end, throughput=10.0, free_cache_tokens=0,
+                            max_cache_tokens=0, version="0", torch_dtype="float32", movable=movable)
+
+    def swarm(*records):
+        return [[r for r in records if r.start <= block < r.end] for block in range(8)]
+
+    online = ServerState.ONLINE
+    # p0 alone serves 4:8 while p1 loads 4:8: moving p0 to the gap 2:4 would leave 4:8 to a loading peer
+    assert plan_move(swarm(rec("p0", online, 4, 8), rec("p1", ServerState.JOINING, 4, 8),
+                           rec("p2", online, 0, 2, movable=False)), margin=0.2) is None
+    # ...and a peer loading 4:8 keeps a movable peer from rushing there too: p0 stays, nobody else moves
+    assert plan_move(swarm(rec("p0", online, 0, 4), rec("p1", online, 0, 4, movable=False),
+                           rec("p2", ServerState.JOINING, 4, 8)), margin=0.2) is None

@@ -4,7 +4,8 @@ Every movable peer (one started with --num-blocks) runs `plan_move` on the recor
 the DHT at each balance check. The plan is a deterministic function of those records, so peers
 that see the same swarm agree on a single mover; only that peer moves, which avoids two peers
 rushing into the same gap. A move must
-- keep every block that is covered now covered (never open a gap by moving),
+- keep every block that is covered now covered (never open a gap by moving; only ONLINE peers
+  cover a block, since clients route only to them),
 - and either cover more blocks, or, with every block covered, raise the weakest block's
   throughput by more than `margin` (hysteresis: no moves for small gains, no oscillation).
 A span is never "moved" onto itself.
@@ -29,12 +30,18 @@ class Move:
 
 
 def _coverage(records: Sequence[Sequence[ServerRecord]], exclude: Optional[str] = None):
-    """Per block: (number of serving peers, their total throughput); OFFLINE records do not count."""
+    """Per block: (number of ONLINE peers, total throughput of ONLINE and JOINING peers).
+
+    Only ONLINE peers cover a block (clients route only to them), so a block that only a JOINING
+    peer announces (one still loading) counts as uncovered and no move may leave a block to it. The
+    throughput, which decides where a peer goes, also counts JOINING peers: capacity that is about
+    to arrive, so two peers do not rush into the same gap."""
     counts, throughputs = [], []
     for block in records:
-        live = [r for r in block if r.state != ServerState.OFFLINE and r.peer_id != exclude]
-        counts.append(len(live))
-        throughputs.append(sum(r.throughput for r in live))
+        online = [r for r in block if r.state == ServerState.ONLINE and r.peer_id != exclude]
+        joining = [r for r in block if r.state == ServerState.JOINING and r.peer_id != exclude]
+        counts.append(len(online))
+        throughputs.append(sum(r.throughput for r in online + joining))
     return counts, throughputs
 
 
