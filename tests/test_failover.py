@@ -1,9 +1,11 @@
 """Peers die mid-request (SIGKILL, no goodbye): the client fails over and the results still match
-the local model exactly. Every killed peer is restarted (new peer id) before the next test."""
+the local model exactly; a peer that leaves gracefully (SIGTERM) finishes what it runs and refuses
+new work. Every killed or departed peer is restarted (new peer id) before the next test."""
 
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import torch
@@ -34,9 +36,19 @@ class Replicas:
     def kill_serving(self, route, block: int) -> str:
         return self.kill(next(hop.peer_id for hop in route if hop.start <= block < hop.end))
 
+    def leave(self, peer_id: str):
+        """Sends SIGTERM (graceful leave) without waiting; returns the peer's process."""
+        process = self.peers[peer_id][0]
+        process.proc.send_signal(signal.SIGTERM)
+        self.killed.append(peer_id)
+        return process
+
     def heal(self) -> None:
-        spans = [self.peers.pop(peer_id)[1] for peer_id in self.killed]
+        departed = [self.peers.pop(peer_id) for peer_id in self.killed]
         self.killed.clear()
+        for process, _ in departed:
+            process.terminate()  # a peer still leaving gets its SIGTERM grace, then SIGKILL
+        spans = [span for _, span in departed]
         fresh = [start_peer(DEFAULT_MODEL, self.dht_maddr, "--blocks", span, *PEER_ARGS) for span in spans]
         for process, span in zip(fresh, spans):
             process.wait_ready()
@@ -161,6 +173,86 @@ def test_forward_and_backward_survive_a_peer_killed_between_them(client, local_m
     torch.testing.assert_close(remote_loss, local_loss, atol=1e-5, rtol=0)
     rel = (remote_grad - local_grad).norm() / local_grad.norm()
     assert rel < 1e-3, f"input-embedding gradient relative error {rel:.2e}"
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_a_leaving_peer_finishes_its_session_and_refuses_new_work(client, replicas, prompt_ids, expected):
+    """SIGTERM halfway through a generation: the peer announces OFFLINE and refuses new sessions and
+    forward calls with a clear error (a client sent there goes elsewhere), while the session it
+    serves keeps stepping on it to the last token; it exits once that session is closed."""
+    from swarmlm.client.rpc import InferenceStream, call_forward
+    from swarmlm.dht.records import ServerState
+    from swarmlm.dht.registry import fetch_block_records
+    from swarmlm.errors import RemotePeerError
+
+    remote, max_length = client.remote, prompt_ids.shape[1] + NEW_TOKENS
+    leaving = {}
+
+    class LeaveAtStep(LogitsProcessor):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores):
+            if self.calls == NEW_TOKENS // 2:
+                hop = session.route[0]
+                leaving.update(hop=hop, process=replicas.leave(hop.peer_id))
+                wait_until(lambda: {r.state for r in fetch_block_records(remote.dht, DEFAULT_MODEL, 8)[0]
+                                    if r.peer_id == hop.peer_id} == {ServerState.OFFLINE}, 15, "OFFLINE announced")
+            self.calls += 1
+            return scores
+
+    with client.inference_session(max_length=max_length) as session:
+        output = client.generate(prompt_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                 session=session, logits_processor=LogitsProcessorList([LeaveAtStep()]))
+        hop, process = leaving["hop"], leaving["process"]
+        assert output.tolist() == expected.tolist()
+        assert session.failovers == 0 and hop in session.route  # the running session finished on the leaving peer
+
+        hidden = torch.zeros(1, 2, client.config.hidden_size)
+        with pytest.raises(RemotePeerError, match="shutting down"):
+            remote.loop.run(call_forward(remote.p2p, hop.peer_id, remote.span_request(hop), hidden,
+                                         torch.arange(2)[None], None, 10.0))
+
+        async def open_and_step(stream):
+            await stream.open(remote.p2p)
+            try:
+                return await stream.step(0, hidden, torch.arange(2)[None], None, 10.0)
+            finally:
+                stream.close()
+
+        stream = InferenceStream(hop.peer_id, remote.span_request(hop, max_length=8, batch_size=1))
+        with pytest.raises(RemotePeerError, match="shutting down"):
+            remote.loop.run(open_and_step(stream))
+
+        # a new session sent to the leaving peer (by a client that has not seen its OFFLINE yet) goes elsewhere
+        stale_route, make_route = list(session.route), remote.make_route
+
+        async def stale_then_fresh(start, end, **kwargs):
+            if stale_route:
+                route, stale_route[:] = list(stale_route), []
+                return route
+            return await make_route(start, end, **kwargs)
+
+        remote.make_route = stale_then_fresh
+        try:
+            with client.inference_session(max_length=max_length) as fresh:
+                again = client.generate(prompt_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                        do_sample=False, session=fresh)
+                assert fresh.failovers == 1 and hop.peer_id not in {h.peer_id for h in fresh.route}
+        finally:
+            del remote.make_route
+        assert again.tolist() == expected.tolist()
+        assert process.proc.poll() is None, "the peer must wait for the open session"
+    assert process.proc.wait(timeout=30) == 0
+    wait_until(lambda: "Peer stopped" in process.stderr, 10, "the peer's last log line")
+    assert "still running" not in process.stderr  # it stopped because the session closed, not at its drain limit
 
 
 def test_a_clear_error_when_every_replica_is_gone(client, replicas, prompt_ids):

@@ -58,7 +58,7 @@ class PeerInfo(_Wire):
     start: int = Field(ge=0)  # first block served (inclusive)
     end: int = Field(ge=1)  # last block served (exclusive)
     free_cache_tokens: int = Field(ge=0)  # KV-cache tokens not reserved by open sessions
-    accepting_sessions: bool  # False while the peer shuts down or moves to other blocks
+    accepting_sessions: bool  # False while the peer shuts down (it refuses new sessions and calls)
     training_epoch: Optional[int] = Field(default=None, ge=0)  # the span's epoch on a training peer; None: frozen
 
 

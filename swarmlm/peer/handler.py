@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHUTTING_DOWN = "this peer is shutting down: it takes no new sessions or requests; use another peer"
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,18 @@ class SpanHandler(SpanService):
         # torch's intra-op thread count is per thread under OpenMP: carry the process setting over
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-compute", initializer=torch.set_num_threads,
                                           initargs=(torch.get_num_threads(),))
-        self.accepting_sessions = True
-        self.active_sessions = 0
+        self.accepting_sessions = True  # False once the peer shuts down: new sessions and calls are refused
+        self.active_sessions = 0  # open inference sessions
+        self.active_calls = 0  # forward/backward/state calls being answered
+
+    def stop_accepting(self) -> None:
+        """Refuses new sessions and stateless calls from now on; running ones go on (see `busy`)."""
+        self.accepting_sessions = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether some session is open or some call is being answered."""
+        return self.active_sessions > 0 or self.active_calls > 0
 
     # ---- validation of remote input -------------------------------------------------------------
 
@@ -162,21 +173,43 @@ class SpanHandler(SpanService):
         first, last = self._check_span(meta, span)
         return request, meta, span, first, last
 
+    async def _stateless_call(self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                              context: P2PContext, answer) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """One stateless call (forward, backward, state): `answer(request, meta, span, first, last)` yields the
+        responses; any failure is answered in-band. While the peer shuts down, new calls are refused with a
+        clear error (the caller retries on another peer); a call that was accepted counts in `active_calls`
+        until its caller has read the whole answer, so that shutdown can wait for it."""
+        accepted = self.accepting_sessions
+        if accepted:
+            self.active_calls += 1
+        try:
+            try:
+                if not accepted:
+                    raise RequestError(SHUTTING_DOWN)
+                request, meta, span, first, last = await self._span_request(requests)
+                async for response in answer(request, meta, span, first, last):
+                    yield response
+            except Exception as e:
+                yield self._error(e, kind, context)
+            await _drain(requests)
+        finally:
+            if accepted:
+                self.active_calls -= 1
+
     # ---- forward / backward (stateless) ------------------------------------------------------------
 
     @metered("forward")
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        try:
-            request, meta, span, first, last = await self._span_request(requests)
-            tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
-            hidden, _, position_ids, mask = self._parse_inputs(tensors, prompts=prompts)
-            output = await self._run(self._forward, span, hidden, position_ids, mask, first, last, prompts)
-            yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
-        except Exception as e:
-            yield self._error(e, "forward", context)
-        await _drain(requests)
+        async for response in self._stateless_call("forward", requests, context, self._answer_forward):
+            yield response
+
+    async def _answer_forward(self, request, meta: SpanRequest, span: BlockSpan, first: int, last: int):
+        tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
+        hidden, _, position_ids, mask = self._parse_inputs(tensors, prompts=prompts)
+        output = await self._run(self._forward, span, hidden, position_ids, mask, first, last, prompts)
+        yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
 
     def _forward(self, span, hidden, position_ids, mask, first, last, prompts=None):
         with torch.inference_mode():
@@ -186,17 +219,16 @@ class SpanHandler(SpanService):
     async def rpc_backward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        try:
-            request, meta, span, first, last = await self._span_request(requests)
-            tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
-            hidden, grad, position_ids, mask = self._parse_inputs(tensors, expect_grad=True, prompts=prompts)
-            if self.trainer is not None and not torch.isfinite(grad).all():
-                raise RequestError("grad_outputs must be finite (this peer trains its blocks with them)")
-            grads = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last, prompts)
-            yield runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grads])
-        except Exception as e:
-            yield self._error(e, "backward", context)
-        await _drain(requests)
+        async for response in self._stateless_call("backward", requests, context, self._answer_backward):
+            yield response
+
+    async def _answer_backward(self, request, meta: SpanRequest, span: BlockSpan, first: int, last: int):
+        tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
+        hidden, grad, position_ids, mask = self._parse_inputs(tensors, expect_grad=True, prompts=prompts)
+        if self.trainer is not None and not torch.isfinite(grad).all():
+            raise RequestError("grad_outputs must be finite (this peer trains its blocks with them)")
+        grads = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last, prompts)
+        yield runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grads])
 
     def _backward(self, span, hidden, grad, position_ids, mask, first, last, prompts=None) -> list[torch.Tensor]:
         """-> [grad of hidden] (+ [grad of prompts] when deep prompts were sent). On a training peer, the
@@ -226,18 +258,17 @@ class SpanHandler(SpanService):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """The current tensors of the requested blocks with their checkpoint names (see SpanService.rpc_state)."""
-        try:
-            request, meta, span, first, last = await self._span_request(requests)
-            if request.tensors or meta.prompt_tokens or meta.max_length is not None or meta.batch_size is not None:
-                raise RequestError("a state request names only the model and blocks (no tensors, prompts or session)")
-            epoch, named = await self._run(self._snapshot, span, first, last)
-            for name, tensor in named:
-                header = pack(StateTensor(name=name, training_epoch=epoch))
-                for i, chunk in enumerate(split_for_streaming(serialize(tensor), STATE_CHUNK_BYTES)):
-                    yield runtime_pb2.ExpertResponse(tensors=[chunk], metadata=header if i == 0 else b"")
-        except Exception as e:
-            yield self._error(e, "state", context)
-        await _drain(requests)
+        async for response in self._stateless_call("state", requests, context, self._answer_state):
+            yield response
+
+    async def _answer_state(self, request, meta: SpanRequest, span: BlockSpan, first: int, last: int):
+        if request.tensors or meta.prompt_tokens or meta.max_length is not None or meta.batch_size is not None:
+            raise RequestError("a state request names only the model and blocks (no tensors, prompts or session)")
+        epoch, named = await self._run(self._snapshot, span, first, last)
+        for name, tensor in named:
+            header = pack(StateTensor(name=name, training_epoch=epoch))
+            for i, chunk in enumerate(split_for_streaming(serialize(tensor), STATE_CHUNK_BYTES)):
+                yield runtime_pb2.ExpertResponse(tensors=[chunk], metadata=header if i == 0 else b"")
 
     def _snapshot(self, span: BlockSpan, first: int, last: int) -> tuple[Optional[int], list[tuple[str, torch.Tensor]]]:
         """(training epoch, [(checkpoint name, CPU copy)]) of blocks [first, last) of `span`, taken on the compute
@@ -275,7 +306,7 @@ class SpanHandler(SpanService):
                     f"(batch <= {self.limits.max_batch_size}, max_length <= {self.limits.max_session_length})"
                 )
             if not self.accepting_sessions:
-                raise RequestError("this peer is shutting down or moving to other blocks; it takes no new sessions")
+                raise RequestError(SHUTTING_DOWN)
             reservation = self.budget.reserve(batch * max_length)
             self.active_sessions += 1
             yield runtime_pb2.ExpertResponse(metadata=pack(StepResult(position=0)))
