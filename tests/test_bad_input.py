@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 
 import msgpack
 import pytest
@@ -10,7 +11,7 @@ from hivemind.proto import runtime_pb2
 
 from swarmlm.client.rpc import InferenceStream, call_forward
 from swarmlm.errors import RemotePeerError
-from swarmlm.experts.protocol import SpanRequest, SpanService, check_response, pack, serialize
+from swarmlm.experts.protocol import InferenceStep, SpanRequest, SpanService, check_response, pack, serialize
 from swarmlm.models.embedded import DEFAULT_MODEL
 
 HIDDEN = 128
@@ -198,3 +199,49 @@ def test_a_step_below_the_cached_length_rewinds_the_session(client):
 
     first, again = remote.loop.run(run())
     torch.testing.assert_close(again, first, atol=1e-6, rtol=0)
+
+
+def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
+    """rpc_push: garbage metadata and steps for sessions that are not open here are dropped; an open
+    session and the peer keep serving, and a valid push into the session is answered on its client's stream."""
+    remote, peer = client
+    span = SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1)
+
+    async def run():
+        from hivemind.p2p import PeerID
+
+        stream = InferenceStream(peer, span)
+        await stream.open(remote.p2p)
+        prompt = await stream.step(0, torch.randn(1, 4, HIDDEN), torch.arange(4)[None], None, 30)
+        token = torch.randn(1, 1, HIDDEN)
+        garbage = [
+            runtime_pb2.ExpertRequest(metadata=b"\xc1 not msgpack"),
+            runtime_pb2.ExpertRequest(metadata=pack(InferenceStep(position=4, session_id="0" * 32))),
+            runtime_pb2.ExpertRequest(metadata=pack(InferenceStep(position=4))),  # no session id
+        ]
+        pushed = runtime_pb2.ExpertRequest(
+            tensors=[serialize(token), serialize(torch.tensor([[4]]))],
+            metadata=pack(InferenceStep(position=4, step_id=77, session_id=stream.span.session_id)),
+        )
+        done = asyncio.Event()
+
+        async def pushes():
+            for message in [*garbage, pushed]:
+                yield message
+            await done.wait()
+
+        responses = await SpanService.get_stub(remote.p2p, PeerID.from_base58(peer)).rpc_push(pushes())
+        try:
+            output, _ = await stream.receive(77, 30)  # the pushed step, answered to the session's client
+        finally:
+            done.set()
+        async for _ in responses:
+            pass
+        again = await stream.step(4, token, torch.tensor([[4]]), None, 30)  # rewinds to 4 tokens, same step
+        stream.close()
+        return prompt, output, again
+
+    prompt, output, again = remote.loop.run(run())
+    assert prompt.shape == (1, 4, HIDDEN) and output.shape == (1, 1, HIDDEN)
+    torch.testing.assert_close(output, again)
+    _valid(client)

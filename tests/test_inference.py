@@ -24,6 +24,26 @@ def test_greedy_generation_token_identical(dist_model, local_model, tokenizer):
     assert remote.tolist() == local.tolist()
 
 
+def test_steps_go_from_peer_to_peer_and_match_the_client_relayed_ones(dist_model, local_model, tokenizer):
+    """With peer_push, the first peer sends each decoding step straight to the second (the client only reads
+    both answers); the tokens equal those of a client-relayed session and of the local model."""
+    ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    local = local_model.generate(ids, **kwargs)
+    for push in (True, False):
+        dist_model.remote.config.peer_push = push
+        try:
+            with dist_model.inference_session(max_length=ids.shape[1] + 24) as session:
+                remote = dist_model.generate(ids, session=session, **kwargs)
+        finally:
+            dist_model.remote.config.peer_push = True
+        assert remote.tolist() == local.tolist()
+        if push:  # the push stream to the next peer opens during the first pushed step, then every step goes on it
+            assert len(session.route) == 2 and session.pushed_steps >= 24 - 3, session.pushed_steps
+        else:
+            assert session.pushed_steps == 0
+
+
 def test_left_padded_batch_identical(dist_model, local_model, tokenizer):
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     assert (batch["attention_mask"] == 0).any(), "the test needs padding"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Awaitable, TypeVar
+import secrets
+from typing import Awaitable, Optional, TypeVar
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -14,8 +15,10 @@ from swarmlm.errors import RemotePeerError
 from swarmlm.experts.protocol import (
     InferenceStep,
     PeerInfo,
+    PushTarget,
     SpanRequest,
     SpanService,
+    StepResult,
     check_response,
     deserialize_tensor,
     pack,
@@ -111,10 +114,13 @@ class InferenceStream:
     """One open inference session with one peer (one hop of a route)."""
 
     def __init__(self, peer_id: str, span: SpanRequest):
-        self.peer_id, self.span = peer_id, span
+        self.peer_id = peer_id
+        self.span = span.model_copy(update=dict(session_id=secrets.token_hex(16)))  # lets other peers push steps here
+        self.push_target = PushTarget(peer_id=peer_id, session_id=self.span.session_id)
         self._requests: asyncio.Queue = asyncio.Queue()
         self._responses = None
         self._opened = False
+        self._last_step_id = 0  # of step()
 
     async def open(self, p2p: P2P) -> None:
         """Sends the session request; its answer is read with the first step (no extra round trip)."""
@@ -131,26 +137,49 @@ class InferenceStream:
                 return
             yield item
 
+    @property
+    def opened(self) -> bool:
+        """Whether the peer has accepted the session (its answer to open() was read)."""
+        return self._opened
+
     async def step(self, position: int, hidden, position_ids, mask_chunk, timeout: float, prompts=None) -> torch.Tensor:
-        """Sends new tokens (and, at position 0, optional deep prompts [blocks, n, hidden]); returns the output."""
+        """send + receive of one step (for callers that do not push): returns the output."""
+        self._last_step_id += 1
+        self.send(self._last_step_id, position, hidden, position_ids, mask_chunk, prompts)
+        return (await self.receive(self._last_step_id, timeout))[0]
+
+    def send(self, step_id: int, position: int, hidden, position_ids, mask_chunk, prompts=None,
+             push_to: Optional[list[PushTarget]] = None) -> None:
+        """Sends new tokens (and, at position 0, optional deep prompts [blocks, n, hidden]); the peer also
+        pushes its output on to `push_to` (the route's next peers); the answer is read by `receive`."""
         prompt_tokens = prompts.shape[1] if prompts is not None else 0
         request = runtime_pb2.ExpertRequest(
             tensors=serialize_all(_inputs(hidden, position_ids, mask_chunk, prompts=prompts)),
-            metadata=pack(InferenceStep(position=position, prompt_tokens=prompt_tokens)),
+            metadata=pack(InferenceStep(position=position, prompt_tokens=prompt_tokens, step_id=step_id, push_to=push_to or [])),
         )
         self._requests.put_nowait(request)
+
+    async def receive(self, step_id: int, timeout: float) -> tuple[torch.Tensor, bool]:
+        """-> (the output of step `step_id`, whether the peer pushed it on); answers of other steps (left
+        over from a step that was sent twice after a failure) are skipped."""
         try:
             if not self._opened:
                 await asyncio.wait_for(self._next(), timeout)  # the answer to open()
                 self._opened = True
-            response = await asyncio.wait_for(self._next(), timeout)
+            while True:
+                response = await asyncio.wait_for(self._next(), timeout)
+                result = unpack(response.metadata, StepResult)
+                if result.step_id == step_id:
+                    break
         except RemotePeerError:
             raise
         except asyncio.TimeoutError:
             raise RemotePeerError(self.peer_id, f"no answer within {timeout} s") from None
         except Exception as e:
             raise RemotePeerError(self.peer_id, f"{type(e).__name__}: {e}") from e
-        return deserialize_tensor(response.tensors[0])
+        if len(response.tensors) != 1:
+            raise RemotePeerError(self.peer_id, f"answered an inference step with {len(response.tensors)} tensors")
+        return deserialize_tensor(response.tensors[0]), result.pushed
 
     async def _next(self) -> runtime_pb2.ExpertResponse:
         try:

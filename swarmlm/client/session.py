@@ -19,6 +19,7 @@ from swarmlm.client.routing import RouteHop
 from swarmlm.client.rpc import InferenceStream
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
+from swarmlm.experts.protocol import PushTarget
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,13 @@ class InferenceSession:
         self.output_ids: Optional[torch.Tensor] = None  # [batch, n] all tokens of the sequence so far
         self.output_mask: Optional[torch.Tensor] = None  # [batch, n] attention mask of output_ids
         self.failovers = 0  # hops replaced after a failure, over the session's life
+        self.pushed_steps = 0  # hop steps that a peer sent straight to the next peer (ClientConfig.peer_push)
         self.prefix_tokens = 0  # leading virtual tokens (prompt tuning) among `position`
         self._hops: list[_Hop] = []
         self._history: Optional[_History] = None
         self._prompts: Optional[torch.Tensor] = None  # deep prompts, resent whenever a hop starts from position 0
         self._batch: Optional[int] = None
+        self._step_id = 0  # of the current step (peers echo it in their answers)
         self.closed = False
 
     @property
@@ -120,7 +123,8 @@ class InferenceSession:
         history.position_ids[:, start:end] = position_ids
         history.mask[:, start:end] = True if mask_chunk is None else mask_chunk.to(torch.bool)
         history.write(0, start, hidden)
-        attempts, i = self.remote.attempts(f"inference step at position {start}"), 0
+        attempts, i, sent = self.remote.attempts(f"inference step at position {start}"), 0, False
+        self._step_id += 1
         while not self._hops:
             try:
                 self._hops = await self._open(0, self.remote.num_blocks)
@@ -129,10 +133,14 @@ class InferenceSession:
         while i < len(self._hops):
             hop = self._hops[i]
             try:
-                output = await self._send(hop, end)
+                if not sent:  # else the previous hop's peer pushed this step to the hop's peer
+                    self._send(hop, start, end, self._push_chain(i + 1, start))
+                output, sent = await hop.stream.receive(self._step_id, self.remote.config.request_timeout)
+                self.pushed_steps += sent
             except RemotePeerError as e:
                 await attempts.failed(e, e.peer)
                 await self._replace(i, attempts)
+                sent = False
                 continue
             self.remote.bans.clear(hop.route.peer_id)  # O(1) unless the peer has failures on record
             if hop.route.end < self.remote.num_blocks:
@@ -140,15 +148,23 @@ class InferenceSession:
             hop.length, i = end, i + 1
         return output[:, -(end - start):]
 
-    async def _send(self, hop: _Hop, end: int) -> torch.Tensor:
-        """Sends the hop everything it lacks up to `end` (one token on a normal step, the whole
-        history after a failover) and returns its output for those positions."""
-        history, start = self._history, hop.length
-        prompts = self._prompts[hop.route.start:hop.route.end] if self._prompts is not None and start == 0 else None
-        return await hop.stream.step(
-            start, history.hidden[hop.route.start][:, start:end], history.position_ids[:, start:end],
-            history.mask_chunk(start, end), self.remote.config.request_timeout, prompts,
-        )
+    def _send(self, hop: _Hop, start: int, end: int, push_to: list[PushTarget]) -> None:
+        """Sends the hop everything it lacks up to `end` (the step's tokens [start, end) on a normal step,
+        the whole history after a failover); its peer pushes its output on along `push_to`."""
+        history, first = self._history, hop.length
+        prompts = self._prompts[hop.route.start:hop.route.end] if self._prompts is not None and first == 0 else None
+        hop.stream.send(self._step_id, first, history.hidden[hop.route.start][:, first:end], history.position_ids[:, first:end],
+                        history.mask_chunk(first, end), prompts, push_to if first == start else [])
+
+    def _push_chain(self, i: int, start: int) -> list[PushTarget]:
+        """The hops from i on that can take this step (tokens from `start`) straight from the previous hop's
+        peer: they hold exactly `start` tokens and have accepted their session; none for the first step."""
+        chain = []
+        for hop in self._hops[i:] if start > 0 and self.remote.config.peer_push else ():
+            if hop.length != start or not hop.stream.opened:
+                break
+            chain.append(hop.stream.push_target)
+        return chain
 
     async def _open(self, start: int, end: int) -> list[_Hop]:
         """Opens streams on the cheapest route for blocks [start, end) (their answers come with the first step).

@@ -38,7 +38,16 @@ class SpanRequest(_Wire):
     max_length: Optional[int] = Field(default=None, ge=1)  # inference only: tokens to reserve per sequence
     batch_size: Optional[int] = Field(default=None, ge=1)  # inference only: sequences in the session
     prompt_tokens: int = Field(default=0, ge=0)  # forward/backward: deep prompts for the first N positions follow
+    session_id: Optional[str] = Field(default=None, min_length=16, max_length=64)  # inference: lets the previous
+    # peer of the route push steps into this session (see PushTarget); a secret shared only with that peer
     version: int = PROTOCOL_VERSION
+
+
+class PushTarget(_Wire):
+    """Where a peer sends its output of an inference step straight away: the session of the route's next peer."""
+
+    peer_id: str = Field(max_length=128)
+    session_id: str = Field(min_length=16, max_length=64)
 
 
 class InferenceStep(_Wire):
@@ -46,10 +55,16 @@ class InferenceStep(_Wire):
 
     position: int = Field(ge=0)  # tokens the peer must already hold for this session before this step
     prompt_tokens: int = Field(default=0, ge=0)  # deep prompts for positions [0, N) follow (only at position 0)
+    step_id: int = Field(default=0, ge=0)  # chosen by the client, echoed in StepResult (tells stale answers apart)
+    push_to: list[PushTarget] = Field(default=[], max_length=64)  # the route's next peers: the output goes
+    # to push_to[0] as that session's step (carrying push_to[1:]), as well as back to the client
+    session_id: Optional[str] = Field(default=None, max_length=64)  # set on steps pushed by a peer (rpc_push)
 
 
 class StepResult(_Wire):
     position: int = Field(ge=0)  # tokens the peer holds after this step
+    step_id: int = Field(default=0, ge=0)  # the step's InferenceStep.step_id
+    pushed: bool = False  # the output went on to push_to[0] (the client need not send it there)
 
 
 class PeerInfo(_Wire):
@@ -99,6 +114,15 @@ class SpanService(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """SpanRequest(max_length, batch_size), then per step [hidden, position_ids, (mask)] + InferenceStep"""
+        raise NotImplementedError
+        yield
+
+    async def rpc_push(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A long-lived stream from another peer: inference steps (as sent by clients, with InferenceStep.session_id)
+        for sessions opened here with that session_id; each is run as if the session's client had sent it, and
+        answered on the client's stream. Nothing is answered on this stream."""
         raise NotImplementedError
         yield
 
@@ -198,6 +222,7 @@ __all__ = [
     "CacheBudgetError",
     "InferenceStep",
     "PeerInfo",
+    "PushTarget",
     "SpanRequest",
     "StateTensor",
     "StepResult",

@@ -1,7 +1,7 @@
 """`@metered(kind)`: measures a peer's streaming RPC from the messages it receives and sends.
 
-Put it on a `SpanHandler.rpc_*` method (an async generator from `ExpertRequest`s to
-`ExpertResponse`s) whose object has a `metrics` attribute (a PeerMetrics). It records:
+Put it on a `SpanHandler` method (an async generator from `ExpertRequest`s to `ExpertResponse`s, called
+as `method(requests, context, *more)`) whose object has a `metrics` attribute (a PeerMetrics). It records:
 - payload bytes of every message received and sent;
 - for every answer that carries tensors (a served forward/backward request or inference step):
   the tokens of the request it answers (batch x seq of its hidden states, the first tensor) and
@@ -33,10 +33,10 @@ def metered(kind: str):
 
     def decorate(method):
         @functools.wraps(method)
-        async def wrapper(self, requests, context):
+        async def wrapper(self, requests, context, *args):
             tap = _Tap(self.metrics, kind)
             try:
-                async with aclosing(method(self, tap.received(requests), context)) as responses:
+                async with aclosing(method(self, tap.received(requests), context, *args)) as responses:
                     async for response in responses:
                         tap.sent(response)
                         yield response

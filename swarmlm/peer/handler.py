@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from contextlib import aclosing
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 import torch
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
@@ -22,6 +24,7 @@ from swarmlm.errors import RequestError
 from swarmlm.experts.protocol import (
     InferenceStep,
     PeerInfo,
+    PushTarget,
     STATE_CHUNK_BYTES,
     SpanRequest,
     SpanService,
@@ -45,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHUTTING_DOWN = "this peer is shutting down: it takes no new sessions or requests; use another peer"
+INLINE_MAX_TOKENS = 8  # inference steps of at most this many tokens (batch x seq) may run on the event loop...
+INLINE_STEP_SECONDS = 0.02  # ...if such steps took at most this long (see _runs_inline)
+MAX_PUSH_STREAMS = 256  # open rpc_push streams to other peers at most (one per peer pushed to)
+MAX_WAITING_PUSHES = 8  # pushed steps a session holds before it drops more
+PUSH_RETRY_SECONDS = 30.0  # a push stream that failed is re-opened no sooner than this after it was opened
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,14 @@ class SpanHandler(SpanService):
     def busy(self) -> bool:
         """Whether some session is open or some call is being answered."""
         return self.active_sessions > 0 or self.active_calls > 0
+        self.small_step_block_seconds = float("inf")  # observed time per block of recent small inference steps
+        self._p2p: Optional[P2P] = None
+        self._sessions: dict[str, _Inbox] = {}  # session_id -> inbox of an open session that accepts pushes
+        self._push_streams: dict[str, _PushStream] = {}  # peer id -> our stream of pushed steps to it
+
+    async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
+        self._p2p = p2p  # also used to push steps to other peers
+        await super().add_p2p_handlers(p2p, *args, **kwargs)
 
     # ---- validation of remote input -------------------------------------------------------------
 
@@ -156,6 +172,15 @@ class SpanHandler(SpanService):
         hidden = hidden.to(self.device, self.dtype)
         grad = grad.to(self.device, self.dtype) if grad is not None else None
         return hidden, grad, position_ids.to(self.device, torch.int64), mask
+
+    def _runs_inline(self, hidden: torch.Tensor, num_blocks: int) -> bool:
+        """Whether an inference step runs right on the event loop instead of the compute thread: only a
+        few tokens on a frozen CPU peer whose recent small steps took under INLINE_STEP_SECONDS for these
+        blocks (the first ones always go to the compute thread, which measures them). The hand-off to the
+        compute thread and back costs about 0.25 ms per step on a busy 2-core machine, a tenth of a small
+        model's step; a step this short holds up the loop's other streams only briefly."""
+        return (self.trainer is None and self.device.type == "cpu" and hidden.shape[0] * hidden.shape[1] <= INLINE_MAX_TOKENS
+                and num_blocks * self.small_step_block_seconds <= INLINE_STEP_SECONDS)
 
     async def _run(self, fn, *args):
         """Runs `fn` on the compute thread under the request timeout."""
@@ -283,7 +308,6 @@ class SpanHandler(SpanService):
 
     # ---- inference sessions (server-side KV cache) -------------------------------------------------
 
-    @metered("inference")
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -291,8 +315,21 @@ class SpanHandler(SpanService):
 
         Each step carries [hidden, position_ids, (attention_mask for the new tokens)] and
         InferenceStep(position); `position` may be below the cached length to rewind the session.
+        Steps may also arrive from the previous peer of the client's route (rpc_push); all are answered here.
         """
-        reservation = None
+        inbox = _Inbox(requests)
+        try:
+            async with aclosing(self._serve_session(inbox, context, inbox)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            inbox.close()
+
+    @metered("inference")
+    async def _serve_session(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext,
+                             inbox: "_Inbox") -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """rpc_inference's work: `requests` iterates over `inbox` (through the metering tap)."""
+        reservation, session_id = None, None
         try:
             open_request = unpack((await _first(requests, self.limits.session_timeout)).metadata, SpanRequest)
             span = self.span
@@ -307,15 +344,19 @@ class SpanHandler(SpanService):
                 )
             if not self.accepting_sessions:
                 raise RequestError(SHUTTING_DOWN)
+            if open_request.session_id is not None and open_request.session_id in self._sessions:
+                raise RequestError("a session with this session_id is already open here")
             reservation = self.budget.reserve(batch * max_length)
             self.active_sessions += 1
+            if open_request.session_id is not None:
+                session_id = open_request.session_id
+                self._sessions[session_id] = inbox
             yield runtime_pb2.ExpertResponse(metadata=pack(StepResult(position=0)))
             session = _Session(span=span, cache=span.new_cache(first, last), first=first, last=last, batch=batch,
                                max_length=max_length)
-            iterator = requests.__aiter__()
             while True:
                 try:
-                    message = await asyncio.wait_for(iterator.__anext__(), self.limits.session_timeout)
+                    message = await asyncio.wait_for(requests.__anext__(), self.limits.session_timeout)
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
@@ -326,9 +367,45 @@ class SpanHandler(SpanService):
             yield self._error(e, "inference", context)
             await _drain(requests)
         finally:
+            if session_id is not None:
+                self._sessions.pop(session_id, None)
             if reservation is not None:
                 reservation.release()
                 self.active_sessions -= 1
+
+    async def rpc_push(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Steps pushed by another peer go to the inbox of their session (validated there, like a client's)."""
+        async for message in requests:
+            try:
+                step = unpack(message.metadata, InferenceStep)
+                inbox = self._sessions.get(step.session_id) if step.session_id is not None else None
+                if inbox is None:
+                    raise RequestError(f"no open session {step.session_id!r} accepts pushed steps here")
+                inbox.push(message)
+            except RequestError as e:
+                logger.info(f"Dropped a step pushed by {context.remote_id}: {e}")
+        return
+        yield
+
+    def _push(self, target: PushTarget, message: runtime_pb2.ExpertRequest) -> bool:
+        """Sends `message` on our push stream to `target.peer_id`; False if that stream is not open (yet): it is
+        opened in the background on first use and re-opened at most every PUSH_RETRY_SECONDS after it failed."""
+        stream = self._push_streams.get(target.peer_id)
+        if stream is not None and stream.closed and time.monotonic() - stream.started >= PUSH_RETRY_SECONDS:
+            del self._push_streams[target.peer_id]
+            stream = None
+        if stream is None:
+            if self._p2p is None or len(self._push_streams) >= MAX_PUSH_STREAMS:
+                return False
+            try:
+                peer_id = PeerID.from_base58(target.peer_id)
+            except Exception:
+                return False
+            self._push_streams[target.peer_id] = _PushStream(self._p2p, peer_id)
+            return False
+        return stream.send(message)
 
     async def _inference_step(self, session: "_Session", step: InferenceStep, tensors) -> runtime_pb2.ExpertResponse:
         if step.position > session.length:
@@ -343,10 +420,29 @@ class SpanHandler(SpanService):
             raise RequestError(
                 f"step would grow the session to {step.position + hidden.shape[1]} tokens, beyond its max_length {session.max_length}"
             )
-        output = await self._run(self._step, session, step.position, hidden, position_ids, mask, prompts)
-        return runtime_pb2.ExpertResponse(tensors=[serialize(output)], metadata=pack(StepResult(position=session.length)))
+        if self._runs_inline(hidden, session.last - session.first):
+            output = self._step(session, step.position, hidden, position_ids, mask, prompts)
+        else:
+            output = await self._run(self._step, session, step.position, hidden, position_ids, mask, prompts)
+        serialized, pushed = serialize(output), False
+        if step.push_to and not step.prompt_tokens:  # first to the next peer: it is on the critical path
+            target = step.push_to[0]
+            pushed = self._push(target, runtime_pb2.ExpertRequest(tensors=[serialized, *tensors[1:]], metadata=pack(
+                InferenceStep(position=step.position, step_id=step.step_id, push_to=list(step.push_to[1:]),
+                              session_id=target.session_id))))
+        return runtime_pb2.ExpertResponse(tensors=[serialized], metadata=pack(
+            StepResult(position=session.length, step_id=step.step_id, pushed=pushed)))
 
     def _step(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
+        started = time.perf_counter()
+        output = self._step_span(session, position, hidden, position_ids, new_mask, prompts)
+        if hidden.shape[0] * hidden.shape[1] <= INLINE_MAX_TOKENS:  # exponential average, for _runs_inline
+            seconds = (time.perf_counter() - started) / (session.last - session.first)
+            previous = self.small_step_block_seconds
+            self.small_step_block_seconds = seconds if previous == float("inf") else 0.8 * previous + 0.2 * seconds
+        return output
+
+    def _step_span(self, session: "_Session", position: int, hidden, position_ids, new_mask, prompts=None):
         with torch.inference_mode():
             if position < session.length:
                 session.cache.truncate(position)
@@ -371,6 +467,8 @@ class SpanHandler(SpanService):
         return error_response(error)
 
     def shutdown(self) -> None:
+        for stream in self._push_streams.values():
+            stream.close()
         self.compute.shutdown(wait=False, cancel_futures=True)
 
 
@@ -384,6 +482,88 @@ class _Session:
     max_length: int
     length: int = 0
     mask: Optional[torch.Tensor] = None  # [batch, length] bool, None while all ones
+
+
+class _Inbox:
+    """The messages of one inference session: its caller's stream merged with the steps other peers push
+    into it. Iterating ends when the caller's stream ends."""
+
+    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+        self._requests = requests
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pushed = 0  # pushed steps in the queue
+        self._pump = asyncio.create_task(self._forward_caller())
+
+    async def _forward_caller(self) -> None:
+        try:
+            async for message in self._requests:
+                self._queue.put_nowait((False, message))
+        finally:
+            self._queue.put_nowait((False, None))
+
+    def push(self, message: runtime_pb2.ExpertRequest) -> None:
+        if self._pushed >= MAX_WAITING_PUSHES:
+            raise RequestError(f"the session already holds {MAX_WAITING_PUSHES} pushed steps")
+        self._pushed += 1
+        self._queue.put_nowait((True, message))
+
+    def __aiter__(self) -> "_Inbox":
+        return self
+
+    async def __anext__(self) -> runtime_pb2.ExpertRequest:
+        pushed, message = await self._queue.get()
+        if message is None:
+            self._queue.put_nowait((False, None))  # stays ended
+            raise StopAsyncIteration
+        self._pushed -= pushed
+        return message
+
+    def close(self) -> None:
+        self._pump.cancel()
+
+
+class _PushStream:
+    """Our long-lived rpc_push stream to one peer; `closed` once it ends or fails (a new one is opened then).
+
+    Messages are written straight into the stream (hivemind's protobuf stream framing) as `send` is called,
+    without waiting for a writer task, so a pushed step leaves before the answer to the client does. A push
+    that was written but never arrives (the stream broke meanwhile) costs the client one request timeout."""
+
+    MAX_BUFFERED_BYTES = 64 * 1024**2  # a target that reads slower than this is given up on
+
+    def __init__(self, p2p: P2P, peer_id: PeerID):
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self.closed = False
+        self.started = time.monotonic()
+        self._task = asyncio.create_task(self._run(p2p, peer_id))
+
+    async def _run(self, p2p: P2P, peer_id: PeerID) -> None:
+        handle = SpanService._get_handle_name(None, "rpc_push")
+        try:
+            _, reader, writer = await p2p.call_binary_stream_handler(peer_id, handle)
+            self._writer = writer
+            await reader.read()  # the peer answers nothing: this returns when the stream closes
+        except Exception as e:
+            logger.debug(f"Push stream to {peer_id} ended: {type(e).__name__}: {e}")
+        finally:
+            self.closed = True
+            if self._writer is not None:
+                self._writer.close()
+
+    def send(self, message: runtime_pb2.ExpertRequest) -> bool:
+        """Writes `message` into the stream; False (nothing sent) while it is not open or after it closed."""
+        if self._writer is None or self.closed:
+            return False
+        if self._writer.transport.get_write_buffer_size() > self.MAX_BUFFERED_BYTES:
+            self.close()
+            return False
+        data = message.SerializeToString()
+        self._writer.write(P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self._task.cancel()
 
 
 async def _drain(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout: float = 2.0) -> None:
