@@ -80,6 +80,10 @@ class SpanHandler(SpanService):
         self.accepting_sessions = True  # False once the peer shuts down: new sessions and calls are refused
         self.active_sessions = 0  # open inference sessions
         self.active_calls = 0  # forward/backward/state calls being answered
+        self.small_step_block_seconds = float("inf")  # observed time per block of recent small inference steps
+        self._p2p: Optional[P2P] = None
+        self._sessions: dict[str, _Inbox] = {}  # session_id -> inbox of an open session that accepts pushes
+        self._push_streams: dict[str, _PushStream] = {}  # peer id -> our stream of pushed steps to it
 
     def stop_accepting(self) -> None:
         """Refuses new sessions and stateless calls from now on; running ones go on (see `busy`)."""
@@ -89,10 +93,6 @@ class SpanHandler(SpanService):
     def busy(self) -> bool:
         """Whether some session is open or some call is being answered."""
         return self.active_sessions > 0 or self.active_calls > 0
-        self.small_step_block_seconds = float("inf")  # observed time per block of recent small inference steps
-        self._p2p: Optional[P2P] = None
-        self._sessions: dict[str, _Inbox] = {}  # session_id -> inbox of an open session that accepts pushes
-        self._push_streams: dict[str, _PushStream] = {}  # peer id -> our stream of pushed steps to it
 
     async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
         self._p2p = p2p  # also used to push steps to other peers
