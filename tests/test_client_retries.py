@@ -210,21 +210,26 @@ def test_a_successful_forward_clears_the_peers_ban_record(monkeypatch):
 
 
 class FakeStream:
-    """An InferenceStream whose open fails for peers in `FakeStream.failing`; steps add 1."""
+    """An InferenceStream whose open fails for peers in `FakeStream.failing`; steps add 1 (never pushed on)."""
 
     failing: set[str] = set()
     closed: list[str] = []
 
     def __init__(self, peer_id, span):
-        self.peer_id = peer_id
+        self.peer_id, self.opened, self.push_target = peer_id, False, None
+        self._sent: dict[int, torch.Tensor] = {}
 
     async def open(self, p2p):
         await asyncio.sleep(0)
         if self.peer_id in self.failing:
             raise RemotePeerError(self.peer_id, "cannot open a session: connection refused")
 
-    async def step(self, position, hidden, position_ids, mask, timeout, prompts=None):
-        return hidden + 1
+    def send(self, step_id, position, hidden, position_ids, mask, prompts=None, push_to=None):
+        self._sent[step_id] = hidden
+
+    async def receive(self, step_id, timeout):
+        self.opened = True
+        return self._sent.pop(step_id) + 1, False
 
     def close(self):
         self.closed.append(self.peer_id)
