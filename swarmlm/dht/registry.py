@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -30,9 +30,13 @@ def declare_span(
     expiration_time: float,
     signature_validator: RSASignatureValidator,
     wait: bool = True,
+    blocks: Optional[Iterable[int]] = None,
 ):
-    """Stores `record` under every block key of its span, signed with this process's key."""
-    keys = [block_key(model, i) for i in range(record.start, record.end)]
+    """Stores `record` under every block key of its span (or only under those of `blocks`), signed with
+    this process's key. Each block key holds one entry per peer, so a peer may state different things
+    about different blocks (e.g. while it moves: ONLINE where it serves, JOINING where it loads)."""
+    blocks = range(record.start, record.end) if blocks is None else list(blocks)
+    keys = [block_key(model, i) for i in blocks]
     store = partial(
         _store,
         keys=keys,

@@ -1,12 +1,13 @@
 """The volunteer peer: load a span of blocks, serve it over P2P, announce it in the DHT.
 
 Lifecycle: `Peer(config)` does no I/O; `start()` joins the DHT, picks and loads blocks, serves
-and announces ONLINE; `shutdown()` stops taking sessions, announces OFFLINE, lets running steps
-finish (bounded) and stops.
+and announces ONLINE; `shutdown()` stops taking sessions and calls, announces OFFLINE (nothing is
+announced after that), lets running steps and calls finish (bounded) and stops.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
 import threading
@@ -64,6 +65,9 @@ class Peer:
         self._stop = threading.Event()
         self._wake = threading.Event()  # set to announce now (free cache changed, shutdown)
         self.moves = 0  # times this peer moved its span (automatic balancing)
+        self._moving_to: Optional[tuple[int, int]] = None  # the span being loaded while the peer moves
+        self._announce_lock = threading.Lock()  # one announcement at a time; shutdown's OFFLINE is the last
+        self._left = False  # set by shutdown once it announced OFFLINE: nothing is announced after that
         self._announcer: Optional[threading.Thread] = None
         self._p2p = None
         self.metrics = PeerMetrics()  # shown at /metrics; training records its averaging rounds here too
@@ -199,12 +203,24 @@ class Peer:
             movable=self.config.blocks is None,
         )
 
-    def _announce(self, state: ServerState, start=None, end=None, free=None) -> None:
+    def _announce(self, state: ServerState, start=None, end=None, free=None, blocks=None) -> None:
+        """Announces `state` for span [start, end) (default: the served span) under each of its blocks, or only
+        under `blocks`. Does nothing once the peer has left (shutdown announced OFFLINE)."""
+        with self._announce_lock:
+            if not self._left:
+                self._write(state, start, end, free, blocks)
+
+    def _write(self, state: ServerState, start=None, end=None, free=None, blocks=None) -> None:
         record = self.record(state, start, end, free)
+        blocks = None if blocks is None else list(blocks)
+        if blocks == []:
+            return
         expiration = get_dht_time() + record_expiration(self.config.update_period)
-        declare_span(self.dht, self.model_name, record, expiration, self._validators[0])
-        declare_model(self.dht, self.model_name, self.model_record, expiration)
-        self.metrics.observe_announcement(self.model_name, self.model_record.family, record, count_dht_peers(self.dht))
+        declare_span(self.dht, self.model_name, record, expiration, self._validators[0], blocks=blocks)
+        if blocks is None:  # the peer's own announcement, not a note about some of its blocks during a move
+            declare_model(self.dht, self.model_name, self.model_record, expiration)
+            self.metrics.observe_announcement(self.model_name, self.model_record.family, record,
+                                              count_dht_peers(self.dht))
 
     def _announce_loop(self) -> None:
         """Announces ONLINE every update_period and whenever the free KV cache changes (so the DHT
@@ -227,37 +243,113 @@ class Peer:
     # ---- balancing ---------------------------------------------------------------------------------
 
     def _rebalance(self) -> None:
-        """Moves this peer's span if the swarm-wide plan (see `plan_move`) names this peer."""
+        """Moves this peer's span if the swarm-wide plan (see `plan_move`) names this peer.
+
+        No block that this peer serves disappears from the swarm while it moves: the old layers keep
+        serving until the switch, so the blocks it keeps and the blocks it drops stay ONLINE; only the
+        blocks it adds are JOINING while they load. After the load, the peer checks again that every
+        block it drops is served by another ONLINE peer (the swarm may have changed meanwhile; if not,
+        the move is called off), announces those blocks OFFLINE, switches, and announces the new span
+        ONLINE. Layers it keeps are reused, never reloaded."""
         records = fetch_block_records(self.dht, self.model_name, self.model_record.num_blocks)
         move = plan_move(records, self.config.balance_margin)
-        if move is None or move.peer_id != self.dht.peer_id.to_base58():
+        me = self.dht.peer_id.to_base58()
+        if move is None or move.peer_id != me:
             return
-        old = self.span
+        old, target = self.span, range(move.start, move.end)
+        added = [b for b in target if not old.start <= b < old.end]
+        dropped = [b for b in range(old.start, old.end) if b not in target]
         logger.info(f"Moving from blocks {old.start}:{old.end} to {move.start}:{move.end}: the swarm will cover "
                     f"{move.covered_blocks} blocks, weakest at {move.bottleneck:.0f} tokens/s")
-        self._announce(ServerState.JOINING, move.start, move.end, free=0)
-        span = self._load_span(move.start, move.end, reuse=old)
+        self._moving_to = (move.start, move.end)  # until the move is done or called off (shutdown reads it)
+        try:
+            self._announce_moving(added)
+            span = self._load_while_announcing(move.start, move.end, old, added)
+        except BaseException:
+            self._call_off_move(added)
+            raise
+        if span is None or self._stop.is_set():
+            return  # shutting down: shutdown's OFFLINE covers the blocks being added too
+        records = fetch_block_records(self.dht, self.model_name, self.model_record.num_blocks)
+        alone = [b for b in dropped if not any(r.state == ServerState.ONLINE and r.peer_id != me for r in records[b])]
+        if alone:
+            logger.warning(f"Not moving to blocks {move.start}:{move.end}: no other peer serves blocks "
+                           f"{alone[0]}:{alone[-1] + 1} any more")
+            self._call_off_move(added)
+            return
+        self._announce(ServerState.OFFLINE, old.start, old.end, blocks=dropped)  # others serve them
         self.span = self.handler.span = span  # open sessions keep the old span until they close
-        self._announce(ServerState.OFFLINE, old.start, old.end)
+        self._moving_to = None
+        self._announce(ServerState.ONLINE)
         self.moves += 1
         logger.info(f"Serving blocks {span.start}:{span.end} of {self.model_name}")
+
+    def _call_off_move(self, added: list[int]) -> None:
+        """Withdraws the JOINING entries of a move that will not happen; the peer keeps its span."""
+        try:
+            self._announce(ServerState.OFFLINE, *self._moving_to, free=0, blocks=added)
+        finally:
+            self._moving_to = None
+
+    def _announce_moving(self, added: list[int]) -> None:
+        """While a move loads: the served span ONLINE, the blocks being added JOINING."""
+        self._announce(ServerState.ONLINE)
+        self._announce(ServerState.JOINING, *self._moving_to, free=0, blocks=added)
+
+    def _load_while_announcing(self, start: int, end: int, reuse: BlockSpan, added: list[int]) -> Optional[BlockSpan]:
+        """Loads blocks [start, end) in a helper thread while this thread keeps the move's announcements
+        fresh (every update_period, and when the free cache changes). None if the peer shuts down meanwhile
+        (the load is abandoned)."""
+        loaded: concurrent.futures.Future = concurrent.futures.Future()
+
+        def load() -> None:
+            try:
+                loaded.set_result(self._load_span(start, end, reuse=reuse))
+            except BaseException as e:
+                loaded.set_exception(e)
+            finally:
+                self._wake.set()
+
+        threading.Thread(target=load, name="swarmlm-loader", daemon=True).start()
+        while True:
+            self._wake.wait(self.config.update_period)
+            self._wake.clear()
+            if self._stop.is_set():
+                return None
+            if loaded.done():
+                return loaded.result()
+            self._announce_moving(added)
 
     # ---- shutdown ---------------------------------------------------------------------------------
 
     def shutdown(self, drain_timeout: float = 10.0) -> None:
-        """Stops taking sessions, announces OFFLINE, waits (bounded) for running sessions, stops."""
+        """Stops taking sessions and calls, stops the announcer, announces OFFLINE (the last announcement),
+        waits (at most `drain_timeout` s) for running sessions and calls, stops."""
+        if self.handler is not None:
+            self.handler.stop_accepting()
         self._stop.set()
         self._wake.set()
-        if self.handler is not None:
-            self.handler.accepting_sessions = False
-        if self.dht is not None and self.span is not None:
-            try:
-                self._announce(ServerState.OFFLINE)
-            except Exception as e:
-                logger.warning(f"Could not announce OFFLINE: {e}")
+        if self._announcer is not None:
+            self._announcer.join(timeout=5)
+            if self._announcer.is_alive():
+                logger.warning("The announcer is still busy; it will announce nothing more")
+        with self._announce_lock:  # an announcement in progress ends first; none starts after this
+            self._left = True
+            moving = self._moving_to
+            if self.dht is not None and self.span is not None:
+                try:
+                    self._write(ServerState.OFFLINE, free=0)
+                    if moving is not None:  # a move was loading: withdraw its JOINING blocks too
+                        self._write(ServerState.OFFLINE, *moving, free=0,
+                                    blocks=[b for b in range(*moving) if not self.span.start <= b < self.span.end])
+                except Exception as e:
+                    logger.warning(f"Could not announce OFFLINE: {e}")
         deadline = time.monotonic() + drain_timeout
-        while self.handler is not None and self.handler.active_sessions > 0 and time.monotonic() < deadline:
+        while self.handler is not None and self.handler.busy and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self.handler is not None and self.handler.busy:
+            logger.warning(f"Stopping with {self.handler.active_sessions} sessions and {self.handler.active_calls} "
+                           f"calls still running after {drain_timeout} s")
         if self._loop is not None:
             if self._p2p is not None:
                 try:
@@ -269,8 +361,6 @@ class Peer:
             self.trainer.shutdown(self.handler.compute if self.handler is not None else None)
         if self.handler is not None:
             self.handler.shutdown()
-        if self._announcer is not None:
-            self._announcer.join(timeout=5)
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.dht is not None:
