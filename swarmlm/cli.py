@@ -57,6 +57,14 @@ def _network_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
+def _metrics_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; printed as "
+                             "METRICS URL before READY)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="where /metrics listens (0.0.0.0: scrapable remotely)")
+
+
 def cmd_dht(args) -> int:
     from swarmlm.dht.node import create_dht, shutdown_dht
 
@@ -145,7 +153,8 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    """Trains with the swarm; prints multiaddrs, READY, one EPOCH line per epoch and a final DONE {json} line."""
+    """Trains with the swarm; prints multiaddrs, [METRICS url,] READY, one EPOCH line per epoch and a final
+    DONE {json} line."""
     import json
 
     import torch
@@ -159,6 +168,8 @@ def cmd_train(args) -> int:
 
     if not args.new_swarm and not args.initial_peers:
         raise ValueError("give --initial-peers MADDR ... to join a training run, or --new-swarm to start one")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ValueError(f"--metrics-port must lie in [0, 65535], got {args.metrics_port}")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     config = _train_config(args)
@@ -171,16 +182,32 @@ def cmd_train(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    metrics = metrics_server = None
     try:
         _print_maddrs(dht.get_visible_maddrs())
+        if args.metrics_port is not None:
+            from swarmlm.monitoring.http_service import serve_metrics
+            from swarmlm.monitoring.trainer_metrics import TrainerMetrics
+
+            metrics = TrainerMetrics(config, dht)
+            metrics_server = serve_metrics(metrics.registry, args.metrics_host, args.metrics_port)
+            print(f"METRICS {metrics_server.url}/metrics", flush=True)
         print(f"{READY_LINE} run {config.run_id} shard {config.data.shard_index}/{config.data.num_shards} "
               f"({len(data.shard)} of {len(data.train)} samples)", flush=True)
-        trainer = Trainer(config, dht, starting, data, on_epoch=lambda stats: print(epoch_line(stats), flush=True),
-                          stop=stop)
+
+        def on_epoch(stats) -> None:
+            if metrics is not None:  # first: once the EPOCH line is out, /metrics shows that epoch
+                metrics.observe_epoch(stats)
+            print(epoch_line(stats), flush=True)
+
+        trainer = Trainer(config, dht, starting, data, on_step=metrics.observe_step if metrics is not None else None,
+                          on_epoch=on_epoch, stop=stop)
         result = trainer.run()
         summary = {key: value for key, value in result.to_dict().items() if key != "epochs"}
         print("DONE " + json.dumps(summary), flush=True)
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         shutdown_dht(dht)
     return 0
 
@@ -277,9 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --num-blocks: seconds between checks whether moving would help the swarm")
     p.add_argument("--balance-margin", type=float, default=0.2,
                    help="move only if the swarm's weakest block gets this much faster (0.2 = 20%%)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; printed as METRICS URL)")
-    p.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics listens (0.0.0.0: scrapable remotely)")
+    _metrics_args(p)
     p.add_argument("--train", action="store_true",
                    help="train the hosted blocks: backward passes accumulate gradients, and the peers hosting the "
                         "same blocks average them and step together (needs --blocks; prints AVERAGING/EPOCH lines)")
@@ -340,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="also save every N epochs (0: only at the end)")
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _metrics_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write the swarm's current (trained) blocks as a checkpoint directory")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
@@ -32,6 +34,22 @@ def test_wire_round_trip():
 def test_malformed_wire_is_rejected(wire):
     with pytest.raises(ValueError):
         ServerRecord.from_wire(wire)
+
+
+@pytest.mark.parametrize("throughput", [math.inf, -math.inf, math.nan])
+def test_non_finite_throughput_is_rejected(throughput):
+    """A record's numbers end up in `swarmlm health --json`: no inf or NaN, which JSON cannot carry."""
+    from swarmlm.models.embedded import DEFAULT_MODEL
+    from swarmlm.peer.config import PeerConfig
+
+    wire = list(_record().to_wire())
+    wire[4] = throughput
+    with pytest.raises(ValueError, match="finite number"):
+        ServerRecord.from_wire(wire)
+    with pytest.raises(ValueError, match="finite number"):
+        ServerRecord(**{**_record().model_dump(), "throughput": throughput})
+    with pytest.raises(ValueError, match="finite number"):  # `swarmlm peer --throughput inf` fails at once
+        PeerConfig(model=DEFAULT_MODEL, blocks=(0, 1), new_swarm=True, throughput=throughput)
 
 
 def _validators():

@@ -9,13 +9,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 import pytest
 import torch
 from conftest import running_swarm
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_scrape import metrics_url, scrape, scrape_until, value
 from swarm_processes import NodeProcess, start_peer
 
 from swarmlm import AutoDistributedModelForCausalLM
@@ -58,35 +57,6 @@ def peer_id(node: NodeProcess) -> str:
     return node.maddrs[0].rsplit("/", 1)[-1]
 
 
-def metrics_url(node: NodeProcess) -> str:
-    urls = [line.split(" ", 1)[1] for line in node.stdout_lines if line.startswith("METRICS ")]
-    assert urls, f"the peer printed no METRICS line: {node.stdout_lines}"
-    return urls[0]
-
-
-def scrape(url: str) -> dict:
-    """{(sample name, frozenset of labels): value} parsed from a /metrics page."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples[(name, frozenset(labels.items()))]
-
-
-def scrape_until(url: str, condition, timeout: float = 30.0) -> dict:
-    """Scrapes until `condition(samples)` holds (the peer records a call when its stream closes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = scrape(url)
-        if condition(samples):
-            return samples
-        if time.monotonic() > deadline:
-            raise AssertionError(f"metrics of {url} never met the condition; last scrape: {samples}")
-        time.sleep(0.05)  # polling interval, not a wait for an event
-
-
 def requests(samples: dict, kind: str, outcome: str) -> float:
     return value(samples, "swarmlm_requests_total", kind=kind, outcome=outcome)
 
@@ -106,8 +76,10 @@ def test_metrics_describe_the_peer(monitored_swarm):
         assert value(samples, "swarmlm_announced_throughput_tokens_per_second") == THROUGHPUT
         assert value(samples, "swarmlm_dht_known_peers") >= 1
         assert value(samples, "swarmlm_kv_cache_free_tokens") == MAX_CACHE
-        for outcome in ("completed", "failed"):
-            assert value(samples, "swarmlm_averaging_rounds_total", outcome=outcome) == 0
+        for kind in ("gradients", "state"):  # a peer that does not train
+            assert value(samples, "swarmlm_averaging_contributed_bytes_total", kind=kind) == 0
+            for outcome in ("completed", "failed"):
+                assert value(samples, "swarmlm_averaging_rounds_total", kind=kind, outcome=outcome) == 0
 
 
 def test_metrics_follow_a_session_through_the_swarm(monitored_swarm, model, tokenizer):

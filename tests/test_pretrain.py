@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from metrics_scrape import metrics_url, scrape_until, value
 from swarm_processes import NodeProcess
 from transformers import AutoModelForCausalLM
 
@@ -335,14 +336,35 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
     return {pid for pid in pids if _alive(pid)}
 
 
+ROUNDS, BYTES = "swarmlm_averaging_rounds_total", "swarmlm_averaging_contributed_bytes_total"
+# float32 bytes per model parameter that a trainer puts into one round: gradients; parameters + 2 Adam statistics
+BYTES_PER_PARAMETER = dict(gradients=4, state=3 * 4)
+
+
+def _rounds_counted(parameters: int):
+    """Whether a scrape shows a completed gradient round, and the bytes of every counted round (the two
+    counters are updated one after the other: a scrape may fall in between)."""
+    def condition(samples: dict) -> bool:
+        completed = _completed_rounds(samples)
+        return completed["gradients"] >= 1 and all(value(samples, BYTES, kind=kind) == completed[kind] * size
+                                                   * parameters for kind, size in BYTES_PER_PARAMETER.items())
+    return condition
+
+
+def _completed_rounds(samples: dict) -> dict[str, float]:
+    return {kind: value(samples, ROUNDS, kind=kind, outcome="completed") for kind in BYTES_PER_PARAMETER}
+
+
 @pytest.fixture(scope="module")
-def swarm_run(tiny_model_path, tmp_path_factory):
+def swarm_run(tiny_model_path, tmp_path_factory, starting_model):
     """Three trainers start together; trainer 2 is SIGKILLed once the three have finished an epoch together;
-    a fourth joins late. Yields the DONE summaries and EPOCH reports of the survivors and the joiner."""
+    a fourth joins late. Yields the DONE summaries and EPOCH reports of the survivors and the joiner, and a
+    scrape of the first trainer's /metrics once it counted a completed gradient round."""
     root = tmp_path_factory.mktemp("swarm_run")
     with contextlib.ExitStack() as stack:
         run = ("--epochs", str(EPOCHS), "--num-shards", "4")
-        first = stack.enter_context(start_trainer("swarm", 0, root / "t0", *run, "--new-swarm", "--min-peers", "3"))
+        first = stack.enter_context(start_trainer("swarm", 0, root / "t0", *run, "--new-swarm", "--min-peers", "3",
+                                                  "--metrics-port", "0"))
         second, victim = (stack.enter_context(start_trainer("swarm", i, root / f"t{i}", *run, "--initial-peers",
                                                             first.maddrs[0], "--min-peers", "3", "--no-progress"))
                           for i in (1, 2))
@@ -351,6 +373,8 @@ def swarm_run(tiny_model_path, tmp_path_factory):
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait()
         killed_at = _epoch_line(together)["epoch"]
+        parameters = sum(param.numel() for param in starting_model.model.parameters())
+        first_metrics = scrape_until(metrics_url(first), _rounds_counted(parameters), RUN_TIMEOUT)
         joiner = stack.enter_context(start_trainer("swarm", 3, root / "t3", *run, "--initial-peers", first.maddrs[0],
                                                    second.maddrs[0], "--no-progress"))
         survivors = dict(first=first, second=second, joiner=joiner)
@@ -358,7 +382,7 @@ def swarm_run(tiny_model_path, tmp_path_factory):
         epochs = {name: [_epoch_line(line) for line in trainer.stdout_lines if line.startswith("EPOCH")]
                   for name, trainer in survivors.items()}
         yield types.SimpleNamespace(done=done, epochs=epochs, killed_at=killed_at, first_stderr=first.stderr,
-                                    orphans=_wait_gone(victim_children, 30.0))
+                                    orphans=_wait_gone(victim_children, 30.0), first_metrics=first_metrics)
 
 
 def test_swarm_trains_together_with_a_progress_bar(swarm_run):
@@ -367,6 +391,22 @@ def test_swarm_trains_together_with_a_progress_bar(swarm_run):
     assert first[0]["val_loss"] < swarm_run.done["first"]["initial_val_loss"]
     assert "samples/s" in swarm_run.first_stderr and "peers=" in swarm_run.first_stderr  # the tqdm bar
     assert swarm_run.done["first"]["averaging"]["completed"]["gradients"] >= 1
+
+
+def test_trainer_serves_prometheus_metrics(swarm_run, starting_model):
+    samples, parameters = swarm_run.first_metrics, sum(param.numel() for param in starting_model.model.parameters())
+    completed = _completed_rounds(samples)
+    assert completed["gradients"] >= 1
+    for kind, size in BYTES_PER_PARAMETER.items():  # every completed round: all of the model's tensors
+        assert value(samples, BYTES, kind=kind) == completed[kind] * size * parameters
+    assert value(samples, "swarmlm_dht_known_peers") >= 1
+    assert value(samples, "swarmlm_training_peers") >= 2
+    assert value(samples, "swarmlm_training_epoch") >= 1 and math.isfinite(value(samples, "swarmlm_validation_loss"))
+    steps, trained = value(samples, "swarmlm_training_steps_total"), value(samples, "swarmlm_training_samples_total")
+    assert steps >= 1 and trained >= 8 and trained % 8 == 0  # --batch-size 8
+    assert value(samples, "swarmlm_training_tokens_total") % 64 == 0  # --seq-len 64
+    info = dict(next(labels for (name, labels) in samples if name == "swarmlm_trainer_info"))
+    assert info == dict(run_id="swarm", model=DEFAULT_MODEL, shard_index="0", num_shards="4")
 
 
 def test_killed_trainer_survivors_finish_with_identical_parameters(swarm_run):

@@ -4,7 +4,8 @@ One scenario (the module fixture `run`), then tests that check what it recorded:
   1. two replicas of blocks 0:4 and one peer with blocks 4:8 train from the embedded model's weights; a
      trainer client in this process sends micro-batches forward and backward through them;
   2. the loss on a fixed set of samples falls; after an epoch whose gradient and parameter averaging
-     included both replicas, the replicas hold the same parameters (fetched with rpc_state);
+     included both replicas, the replicas hold the same parameters (fetched with rpc_state), and the
+     first replica's /metrics counts the averaging rounds and the bytes it put into them;
   3. one replica is SIGKILLed when it begins an averaging round; the survivor finishes that round or
      the next, training goes on, a fresh replica joins (downloads the survivor's state) and the two end
      with the same parameters after averaging together;
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from metrics_scrape import metrics_url, scrape, scrape_until, value
 from swarm_processes import NodeProcess, start_dht, start_peer
 from transformers import AutoModelForCausalLM
 
@@ -213,6 +215,23 @@ class Spans:
         raise AssertionError(f"the replicas never settled right after averaging together:\n{_history(a, b)}")
 
 
+ROUNDS, BYTES = "swarmlm_averaging_rounds_total", "swarmlm_averaging_contributed_bytes_total"
+
+
+def _rounds(samples: dict) -> dict[tuple[str, str], float]:
+    return {(kind, outcome): value(samples, ROUNDS, kind=kind, outcome=outcome)
+            for kind in ("gradients", "state") for outcome in ("completed", "failed")}
+
+
+def _rounds_counted(samples: dict, parameters: int) -> bool:
+    """Whether a scrape shows completed gradient and state rounds, with the bytes of every counted state round
+    (the counters are updated one after the other: a scrape may fall in between). A state round puts the
+    span's parameters and both Adam statistics (float32) into the all-reduce."""
+    rounds = _rounds(samples)
+    return rounds["gradients", "completed"] >= 1 and rounds["state", "completed"] >= 1 and \
+        value(samples, BYTES, kind="state") == rounds["state", "completed"] * 3 * 4 * parameters
+
+
 def _max_difference(a, b) -> float:
     return max((a.tensors[name] - b.tensors[name]).abs().max().item() for name in a.tensors)
 
@@ -240,11 +259,12 @@ def run(tiny_model_path, tokenizer, tmp_path_factory):
     out = types.SimpleNamespace(export_dir=tmp_path_factory.mktemp("export") / "trained")
     with contextlib.ExitStack() as stack:
         dht = stack.enter_context(start_dht())
-        nodes = [start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", span, *TRAIN_ARGS)
-                 for span in ("0:4", "0:4", "4:8")]
+        nodes = [start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", span, *TRAIN_ARGS, *extra)
+                 for span, extra in (("0:4", ("--metrics-port", "0")), ("0:4", ()), ("4:8", ()))]
         for node in nodes:  # torn down even if another one fails to start
             stack.callback(node.terminate)
         first, victim, second_half = (node.wait_ready() for node in nodes)
+        out.metrics_before = scrape(metrics_url(first))
         # 4:8 has one peer: a short ban lets retries reach it again after a transient stream failure
         client = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=dht.maddrs,
                                                                  request_timeout=30.0, ban_duration=1.0)
@@ -258,6 +278,8 @@ def run(tiny_model_path, tokenizer, tmp_path_factory):
         # 1-2: train until both replicas averaged together after a few epochs, then compare them
         out.replicas = spans.averaged_pair(trainer, first, victim, 0, 4, after=2)
         out.replicas_history = _history(first, victim)
+        parameters = sum(tensor.numel() for tensor in out.initial.tensors.values())
+        out.metrics_after = scrape_until(metrics_url(first), lambda samples: _rounds_counted(samples, parameters))
         out.trained_loss = _eval_loss(client, samples)
 
         # 3: kill a replica as it begins averaging; the survivor goes on; a fresh replica joins
@@ -327,6 +349,18 @@ def test_replicas_hold_identical_parameters_after_averaging(run):
     assert first.tensors.keys() == second.tensors.keys() and len(first.tensors) == 4 * 9
     difference = _max_difference(first, second)
     assert difference <= EXACT["atol"], f"replicas differ by {difference:.2e} at epoch {epoch}:\n{run.replicas_history}"
+
+
+def test_training_peer_counts_its_averaging_rounds_in_its_metrics(run):
+    assert set(_rounds(run.metrics_before).values()) == {0.0}  # nothing averaged before the first micro-batch
+    after, parameters = _rounds(run.metrics_after), sum(tensor.numel() for tensor in run.initial.tensors.values())
+    assert after["gradients", "completed"] >= 1 and after["state", "completed"] >= 1
+    # a gradient round puts the span's gradients (float32) into the all-reduce; counted also when the replica
+    # refused a non-finite average (then the round counts as failed)
+    gradient_rounds = value(run.metrics_after, BYTES, kind="gradients") / (4 * parameters)
+    assert gradient_rounds == int(gradient_rounds)
+    assert after["gradients", "completed"] <= gradient_rounds <= after["gradients", "completed"] \
+        + after["gradients", "failed"]
 
 
 def test_a_replica_killed_mid_round_leaves_the_survivor_training(run):

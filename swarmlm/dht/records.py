@@ -28,7 +28,8 @@ class ServerRecord(BaseModel):
     state: ServerState
     start: int = Field(ge=0)  # first block served (inclusive)
     end: int = Field(ge=1)  # last block served (exclusive)
-    throughput: float = Field(ge=0)  # tokens/s one block processes in single-token inference steps
+    # tokens/s one block processes in single-token inference steps; finite, so that reports stay valid JSON
+    throughput: float = Field(ge=0, allow_inf_nan=False)
     free_cache_tokens: int = Field(ge=0)  # KV-cache tokens not reserved by sessions
     max_cache_tokens: int = Field(ge=0)  # the peer's whole KV-cache budget in tokens
     version: str = Field(max_length=32)  # swarmlm version of the peer

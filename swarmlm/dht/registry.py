@@ -147,9 +147,9 @@ async def _fetch_models(dht: hivemind.DHT, node) -> dict[str, ModelRecord]:
     return models
 
 
-def count_dht_peers(dht: hivemind.DHT) -> int:
+def count_dht_peers(dht: hivemind.DHT, timeout: Optional[float] = None) -> int:
     """How many DHT peers this node knows: the nodes in its Kademlia routing table's buckets."""
-    return dht.run_coroutine(_count_dht_peers)
+    return dht.run_coroutine(_count_dht_peers, return_future=True).result(timeout)
 
 
 async def _count_dht_peers(dht: hivemind.DHT, node) -> int:

@@ -1,4 +1,5 @@
-"""Monitoring: a peer's Prometheus metrics, the swarm health report and its web page."""
+"""Monitoring: Prometheus metrics of a peer (metrics.py) and of a trainer (trainer_metrics.py), the swarm health
+report and its web page."""
 
 from swarmlm.monitoring.metrics import PeerMetrics
 

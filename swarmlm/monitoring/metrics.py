@@ -9,11 +9,14 @@ Who feeds what:
   the handler's rpc_* methods;
 - live state (sessions, KV cache): functions passed to `watch()`, read at every scrape;
 - what the peer announces (model, blocks, state, throughput, DHT peers): `observe_announcement()`;
-- collaborative training: `record_averaging_round()`.
+- training the hosted blocks: `averaging.observe()`, with the span optimizer's round counts.
+
+`AveragingMetrics` and `dht_peers_gauge` are shared with `swarmlm train`'s TrainerMetrics.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
@@ -23,6 +26,7 @@ from swarmlm.dht.records import ServerRecord, ServerState
 RPC_KINDS = ("forward", "backward", "inference")
 OUTCOMES = ("ok", "bad_request", "busy", "error")
 PEER_STATES = tuple(state.name.lower() for state in ServerState)
+AVERAGING_KINDS = ("gradients", "state")  # the kinds of swarmlm.training.optimizer.AveragingRounds
 AVERAGING_OUTCOMES = ("completed", "failed")
 # from a tiny model's single-token step on CPU (~1 ms) to a request timing out (60 s)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -58,12 +62,8 @@ class PeerMetrics:
         self._throughput = Gauge(
             "swarmlm_announced_throughput_tokens_per_second", "Throughput this peer announces, tokens/s per block",
             registry=r)
-        self._dht_peers = Gauge(
-            "swarmlm_dht_known_peers", "DHT peers in this node's routing table (refreshed at every announcement)",
-            registry=r)
-        self._averaging = Counter(
-            "swarmlm_averaging_rounds", "Gradient averaging rounds this peer took part in, by outcome",
-            ["outcome"], registry=r)
+        self._dht_peers = dht_peers_gauge(r, "refreshed at every announcement")
+        self.averaging = AveragingMetrics(r)  # a training peer's rounds (all zero on other peers)
         for kind in RPC_KINDS:  # every series exists from the start, so rate() sees the first event
             self._latency.labels(kind)
             self._tokens.labels(kind)
@@ -71,20 +71,18 @@ class PeerMetrics:
             self._sent.labels(kind)
             for outcome in OUTCOMES:
                 self._requests.labels(kind, outcome)
-        for outcome in AVERAGING_OUTCOMES:
-            self._averaging.labels(outcome)
 
     # ---- RPC traffic ---------------------------------------------------------------------------------
 
     def request_finished(self, kind: str, outcome: str) -> None:
         """One RPC call of `kind` ended with `outcome` (ok, bad_request, busy or error)."""
-        self._check(kind, RPC_KINDS, "kind")
-        self._check(outcome, OUTCOMES, "outcome")
+        _check(kind, RPC_KINDS, "kind")
+        _check(outcome, OUTCOMES, "outcome")
         self._requests.labels(kind, outcome).inc()
 
     def step_served(self, kind: str, tokens: int, seconds: float) -> None:
         """A forward/backward request or an inference step of `tokens` tokens was answered in `seconds`."""
-        self._check(kind, RPC_KINDS, "kind")
+        _check(kind, RPC_KINDS, "kind")
         self._tokens.labels(kind).inc(tokens)
         self._latency.labels(kind).observe(seconds)
 
@@ -116,13 +114,48 @@ class PeerMetrics:
         self._throughput.set(record.throughput)
         self._dht_peers.set(dht_peers)
 
-    # ---- collaborative training ----------------------------------------------------------------------
 
-    def record_averaging_round(self, succeeded: bool) -> None:
-        """One gradient averaging round ended: completed (succeeded=True) or failed."""
-        self._averaging.labels("completed" if succeeded else "failed").inc()
+def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
 
-    @staticmethod
-    def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
-        if value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
+
+def dht_peers_gauge(registry: CollectorRegistry, refreshed: str) -> Gauge:
+    """`swarmlm_dht_known_peers`; `refreshed` says when its owner updates it (for the help text)."""
+    return Gauge("swarmlm_dht_known_peers", f"DHT peers in this node's routing table ({refreshed})",
+                 registry=registry)
+
+
+class AveragingMetrics:
+    """The averaging rounds of a collaborative optimizer (a trainer's, or a training peer's span), fed with
+    `AveragingRounds.snapshot()`s: each `observe()` adds what changed since the previous one."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._rounds = Counter(
+            "swarmlm_averaging_rounds", "Averaging rounds this node took part in, by kind (gradients: all-reduce of "
+            "the accumulated gradients; state: of parameters and Adam statistics) and outcome",
+            ["kind", "outcome"], registry=registry)
+        self._bytes = Counter(
+            "swarmlm_averaging_contributed_bytes", "Bytes of this node's tensors (elements x element size, "
+            "uncompressed) in averaging rounds whose all-reduce finished, by kind: the payload it contributed, "
+            "not the bytes on the wire", ["kind"], registry=registry)
+        self._seen = {key: dict.fromkeys(AVERAGING_KINDS, 0) for key in (*AVERAGING_OUTCOMES, "contributed_bytes")}
+        self._lock = threading.Lock()
+        for kind in AVERAGING_KINDS:
+            self._bytes.labels(kind)
+            for outcome in AVERAGING_OUTCOMES:
+                self._rounds.labels(kind, outcome)
+
+    def observe(self, snapshot: dict) -> None:
+        """Counts the rounds and bytes that `snapshot` (cumulative counts by kind) adds to the previous one."""
+        with self._lock:
+            for key, seen in self._seen.items():
+                for kind, total in snapshot[key].items():
+                    _check(kind, AVERAGING_KINDS, "averaging kind")
+                    if total > seen[kind]:
+                        self._counter(key, kind).inc(total - seen[kind])
+                        seen[kind] = total
+
+    def _counter(self, key: str, kind: str):
+        """The counter of one snapshot entry: snapshot["completed" | "failed" | "contributed_bytes"][kind]."""
+        return self._bytes.labels(kind) if key == "contributed_bytes" else self._rounds.labels(kind, key)

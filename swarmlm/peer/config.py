@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -51,6 +52,8 @@ class PeerConfig:
             raise ValueError("num_blocks must be >= 1")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must lie in [0, 65535], got {self.metrics_port}")
+        if self.throughput is not None and not 0 <= self.throughput < math.inf:  # also false for NaN
+            raise ValueError(f"throughput must be a finite number >= 0, got {self.throughput}")
         if self.training is not None:
             if self.blocks is None:
                 raise ValueError("a training peer needs fixed blocks (--blocks A:B): replicas average by span, "

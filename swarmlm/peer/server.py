@@ -70,7 +70,7 @@ class Peer:
         self._left = False  # set by shutdown once it announced OFFLINE: nothing is announced after that
         self._announcer: Optional[threading.Thread] = None
         self._p2p = None
-        self.metrics = PeerMetrics()  # shown at /metrics; training records its averaging rounds here too
+        self.metrics = PeerMetrics()  # shown at /metrics; training counts its averaging rounds here too
         self.metrics_server: Optional[HttpService] = None  # started by start() when config.metrics_port is set
         self.model_record: Optional[ModelRecord] = None  # what this peer registers about its model
 
@@ -173,7 +173,7 @@ class Peer:
         children_die_with_this_process()  # hivemind's averager processes, forked next, die with this peer
         span.requires_grad_(True)
         trainer = SpanTrainer(span, self.model_name, self.dht, self.config.training,
-                              on_report=self.on_training_report, record_round=self.metrics.record_averaging_round)
+                              on_report=self.on_training_report, on_rounds=self.metrics.averaging.observe)
         trainer.join()
         return trainer
 

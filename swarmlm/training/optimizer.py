@@ -22,15 +22,25 @@ from swarmlm.training.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 ADAM_STATISTICS = ("exp_avg", "exp_avg_sq")
+AVERAGING_KINDS = ("gradients", "state")  # what AveragingRounds counts (and the metrics' `kind` label)
+
+
+def _per_kind() -> dict[str, int]:
+    return dict.fromkeys(AVERAGING_KINDS, 0)
 
 
 @dataclass
 class AveragingRounds:
-    """How averaging rounds ended, by kind ("gradients", "state"); the source of training metrics."""
+    """How averaging rounds ended, by kind ("gradients", "state"); the source of training metrics.
 
-    completed: dict[str, int] = field(default_factory=lambda: {"gradients": 0, "state": 0})
-    failed: dict[str, int] = field(default_factory=lambda: {"gradients": 0, "state": 0})
-    last_group_size: dict[str, int] = field(default_factory=lambda: {"gradients": 0, "state": 0})
+    `tensor_bytes[kind]`: bytes of this node's tensors in one round of that kind (elements x element size,
+    uncompressed); `contributed_bytes[kind]` adds them up over the rounds whose all-reduce finished."""
+
+    completed: dict[str, int] = field(default_factory=_per_kind)
+    failed: dict[str, int] = field(default_factory=_per_kind)
+    last_group_size: dict[str, int] = field(default_factory=_per_kind)
+    tensor_bytes: dict[str, int] = field(default_factory=_per_kind)
+    contributed_bytes: dict[str, int] = field(default_factory=_per_kind)
 
     def record(self, kind: str, control) -> None:
         """Counts a finished round from its StepControl (a cancelled round never ran: not counted)."""
@@ -40,6 +50,7 @@ class AveragingRounds:
         if error is None:
             self.completed[kind] += 1
             self.last_group_size[kind] = len(control.result())
+            self.contributed_bytes[kind] += self.tensor_bytes[kind]
         else:
             self.failed[kind] += 1
             self.last_group_size[kind] = 0
@@ -47,7 +58,7 @@ class AveragingRounds:
 
     def snapshot(self) -> dict:
         return dict(completed=dict(self.completed), failed=dict(self.failed),
-                    last_group_size=dict(self.last_group_size))
+                    last_group_size=dict(self.last_group_size), contributed_bytes=dict(self.contributed_bytes))
 
 
 class ObservedOptimizer(hivemind.Optimizer):
@@ -60,7 +71,8 @@ class ObservedOptimizer(hivemind.Optimizer):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.rounds = AveragingRounds()
+        self.rounds = AveragingRounds(tensor_bytes=dict(gradients=_tensor_bytes(self.grad_averager),
+                                                        state=_tensor_bytes(self.state_averager)))
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
@@ -83,6 +95,14 @@ class ObservedOptimizer(hivemind.Optimizer):
         next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
         return (self.tracker.global_progress.num_peers > 1 and next_epoch % self.average_state_every == 0
                 and not self.state_averager.averaging_in_progress)
+
+
+def _tensor_bytes(averager) -> int:
+    """Bytes of the tensors `averager` puts into each of its rounds (0 without an averager)."""
+    if averager is None:  # local updates: no gradient averager
+        return 0
+    with averager.get_tensors() as tensors:
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def make_optimizer(config: TrainConfig, dht: hivemind.DHT, model: torch.nn.Module) -> ObservedOptimizer:

@@ -8,7 +8,8 @@ TrainResult.
 `stop` (a threading.Event, e.g. set by SIGTERM) ends the loop early but still shuts down cleanly.
 
 Hook for metrics: `on_step(StepStats)` after every local step and `on_epoch(EpochStats)` after every epoch;
-EpochStats.averaging counts completed/failed averaging rounds by kind.
+EpochStats.averaging counts completed/failed averaging rounds (and the bytes put into them) by kind;
+`swarmlm.monitoring.trainer_metrics.TrainerMetrics` exports these as Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class EpochStats:
     val_perplexity: float  # exp(val_loss)
     num_peers: int
     swarm_samples_per_second: float
-    averaging: dict  # {"completed": {"gradients": n, "state": n}, "failed": {...}} since the start
+    averaging: dict  # {"completed": {"gradients": n, "state": n}, "failed": {...}, ...} since the start
+    # (AveragingRounds.snapshot())
     elapsed: float  # seconds since run() began
 
 

@@ -121,9 +121,10 @@ class SpanTrainer:
 
     def __init__(self, span: BlockSpan, model: str, dht: hivemind.DHT, config: SpanTrainingConfig, *,
                  on_report: Optional[Callable[[TrainingReport], None]] = None,
-                 record_round: Optional[Callable[[bool], None]] = None):
+                 on_rounds: Optional[Callable[[dict], None]] = None):
         self.span, self.config = span, config
-        self.on_report, self.record_round = on_report, record_round
+        self.on_report = on_report
+        self.on_rounds = on_rounds  # called with the optimizer's AveragingRounds.snapshot() after every epoch
         self.parameters = [param for param in span.parameters()]
         for param in self.parameters:
             if param.dtype != torch.float32 or not param.requires_grad:
@@ -227,11 +228,8 @@ class SpanTrainer:
             gradient_peers=_new_round_size(before, after, "gradients"),
             state_peers=_new_round_size(before, after, "state"),
             rounds_completed=after["completed"]["gradients"], rounds_failed=after["failed"]["gradients"])
-        if self.record_round is not None:
-            for _ in range(after["completed"]["gradients"] - before["completed"]["gradients"]):
-                self.record_round(True)
-            for _ in range(after["failed"]["gradients"] - before["failed"]["gradients"]):
-                self.record_round(False)
+        if self.on_rounds is not None:
+            self.on_rounds(after)
         if not all(bool(torch.isfinite(param).all()) for param in self.parameters):
             logger.error(f"{self.run_id}: parameters are not finite after epoch {epoch}; lower the learning rate")
         return self._report(report)
