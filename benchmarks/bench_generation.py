@@ -2,9 +2,10 @@
 
 For each model size this starts a DHT node and two peers (blocks 0:4 and 4:8) as subprocesses
 on 127.0.0.1, then times `generate(do_sample=False)` at batch 1 through the swarm and through
-`transformers.AutoModelForCausalLM` with the same weights, in the same process. Each side gets
-one warm-up run, then the median of `--repeats` runs is reported as tokens/s (new tokens over the
-wall time of the whole generate() call, prompt prefill included), together with the ratio
+`transformers.AutoModelForCausalLM` with the same weights, in the same process. Swarm and local runs
+alternate (the machine's speed drifts during a run; both sides see the same drift). Each side gets one
+warm-up run, then the median of `--repeats` runs is reported as tokens/s (new tokens over the wall time
+of the whole generate() call, prompt prefill included), together with the ratio
 swarm/local and the per-token overhead of the swarm in ms: (1/swarm - 1/local) * 1000. It also
 checks that both produce the same tokens.
 
@@ -18,7 +19,7 @@ $SWARMLM_HOME/bench/ and reused:
     large: hidden 1024, intermediate 2752, 16 heads
 
 Run:
-    python benchmarks/bench_generation.py [--models tiny,large] [--new-tokens 64] [--repeats 3]
+    python benchmarks/bench_generation.py [--models tiny,large] [--new-tokens 64] [--repeats 5]
         [--peer-threads 1] [--client-threads 1] [--device cpu] [--torch-dtype float32]
 """
 
@@ -79,28 +80,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_generate(model, input_ids: torch.Tensor, new_tokens: int, repeats: int,
+def time_generate(model, input_ids: torch.Tensor, new_tokens: int,
                   device: torch.device = torch.device("cpu")) -> tuple[float, torch.Tensor]:
-    """Median tokens/s over `repeats` greedy runs after one warm-up; also returns the generated ids.
-    `device`: where the model computes (on CUDA, queued kernels are waited for around each timed run)."""
+    """Tokens/s of one greedy run (prompt prefill included) and the generated ids. `device`: where the
+    model computes (on CUDA, queued kernels are waited for around the timed run)."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    output = model.generate(input_ids, **kwargs)  # warm-up
-    speeds = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        output = model.generate(input_ids, **kwargs)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        speeds.append((output.shape[1] - input_ids.shape[1]) / elapsed)
-    return statistics.median(speeds), output
+    _sync(device)
+    start = time.perf_counter()
+    output = model.generate(input_ids, **kwargs)
+    _sync(device)
+    return (output.shape[1] - input_ids.shape[1]) / (time.perf_counter() - start), output
 
 
 def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -> Result:
     path = model_dir(name)
     input_ids = torch.randint(3, 2048, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    device = torch.device(args.device)
     nodes: list[Node] = []
-    swarm = None
+    swarm = local = None
     try:
         dht = Node(["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], log_dir / f"{name}-dht.log", env)
         nodes.append(dht)
@@ -115,22 +112,27 @@ def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -
         print(f"[{name}] swarm ready: dht + peers {', '.join(SPANS)}", flush=True)
 
         swarm = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=dht_maddrs)
-        swarm_tps, swarm_ids = time_generate(swarm, input_ids, args.new_tokens, args.repeats)
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.torch_dtype)).to(device).eval()
+        # swarm and local runs alternate, so that both see the same machine (its speed drifts over a run)
+        speeds: dict[str, list[float]] = {"swarm": [], "local": []}
+        for i in range(args.repeats + 1):  # the first round warms up
+            swarm_tps, swarm_ids = time_generate(swarm, input_ids, args.new_tokens)
+            with torch.inference_mode():
+                local_tps, local_ids = time_generate(local, input_ids.to(device), args.new_tokens, device)
+            if i > 0:
+                speeds["swarm"].append(swarm_tps)
+                speeds["local"].append(local_tps)
     finally:
         if swarm is not None:
             swarm.close()
         for node in reversed(nodes):
             node.stop()
+        del local
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    device = torch.device(args.device)
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.torch_dtype)).to(device).eval()
-    with torch.inference_mode():
-        local_tps, local_ids = time_generate(local, input_ids.to(device), args.new_tokens, args.repeats, device)
-    del local
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    result = Result(name, swarm_tps, local_tps, torch.equal(swarm_ids.cpu(), local_ids.cpu()))
+    result = Result(name, statistics.median(speeds["swarm"]), statistics.median(speeds["local"]),
+                    torch.equal(swarm_ids.cpu(), local_ids.cpu()))
     print(f"[{name}] swarm {result.swarm_tps:.1f} tok/s | local {result.local_tps:.1f} tok/s | "
           f"ratio {result.ratio:.3f} | overhead {result.overhead_ms:.2f} ms/token | "
           f"tokens match: {'yes' if result.match else 'NO'}", flush=True)
@@ -141,7 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,large", help=f"comma-separated, from {sorted(MODELS)}")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer-threads", type=int, default=1, help="--num-threads of each peer")
     parser.add_argument("--client-threads", type=int, default=1, help="torch threads of this process")
     parser.add_argument("--device", default="cpu", help="torch device of the peers' blocks and of the local "
