@@ -13,6 +13,7 @@ from hivemind.proto import runtime_pb2
 
 from swarmlm.errors import RemotePeerError
 from swarmlm.experts.protocol import (
+    END_OF_STREAM_FRAME,
     InferenceStep,
     PeerInfo,
     PushTarget,
@@ -23,6 +24,7 @@ from swarmlm.experts.protocol import (
     deserialize_tensor,
     pack,
     serialize_all,
+    stream_frame,
     unpack,
 )
 
@@ -111,31 +113,32 @@ async def call_info(p2p, peer_id: str, timeout: float) -> PeerInfo:
 
 
 class InferenceStream:
-    """One open inference session with one peer (one hop of a route)."""
+    """One open inference session with one peer (one hop of a route), on a raw p2p stream: each message
+    is written as it is sent (hivemind's protobuf stream framing, one write, no writer task) and answers
+    are read as they come; the peer's side is a plain hivemind protobuf stream handler."""
 
     def __init__(self, peer_id: str, span: SpanRequest):
         self.peer_id = peer_id
         self.span = span.model_copy(update=dict(session_id=secrets.token_hex(16)))  # lets other peers push steps here
         self.push_target = PushTarget(peer_id=peer_id, session_id=self.span.session_id)
-        self._requests: asyncio.Queue = asyncio.Queue()
-        self._responses = None
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
         self._opened = False
         self._last_step_id = 0  # of step()
 
     async def open(self, p2p: P2P) -> None:
         """Sends the session request; its answer is read with the first step (no extra round trip)."""
-        self._requests.put_nowait(runtime_pb2.ExpertRequest(metadata=pack(self.span)))
         try:
-            self._responses = await _stub(p2p, self.peer_id).rpc_inference(self._iterate())
+            _, self._reader, self._writer = await p2p.call_binary_stream_handler(
+                PeerID.from_base58(self.peer_id), SpanService._get_handle_name(None, "rpc_inference"))
         except Exception as e:
             raise RemotePeerError(self.peer_id, f"cannot open a session: {type(e).__name__}: {e}") from e
+        self._write(stream_frame(runtime_pb2.ExpertRequest(metadata=pack(self.span))))
 
-    async def _iterate(self):
-        while True:
-            item = await self._requests.get()
-            if item is None:
-                return
-            yield item
+    def _write(self, frame: bytes) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise RemotePeerError(self.peer_id, "the session's stream is closed")
+        self._writer.write(frame)
 
     @property
     def opened(self) -> bool:
@@ -157,12 +160,13 @@ class InferenceStream:
             tensors=serialize_all(_inputs(hidden, position_ids, mask_chunk, prompts=prompts)),
             metadata=pack(InferenceStep(position=position, prompt_tokens=prompt_tokens, step_id=step_id, push_to=push_to or [])),
         )
-        self._requests.put_nowait(request)
+        self._write(stream_frame(request))
 
     async def receive(self, step_id: int, timeout: float) -> tuple[torch.Tensor, bool]:
         """-> (the output of step `step_id`, whether the peer pushed it on); answers of other steps (left
         over from a step that was sent twice after a failure) are skipped."""
         try:
+            await self._writer.drain()  # returns at once unless much is still unsent
             if not self._opened:
                 await asyncio.wait_for(self._next(), timeout)  # the answer to open()
                 self._opened = True
@@ -183,10 +187,15 @@ class InferenceStream:
 
     async def _next(self) -> runtime_pb2.ExpertResponse:
         try:
-            response = await self._responses.__anext__()
-        except StopAsyncIteration:
+            response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader)
+        except asyncio.IncompleteReadError:
             raise RemotePeerError(self.peer_id, "closed the session") from None
+        if error is not None:
+            raise RemotePeerError(self.peer_id, f"session failed: {error.message}")
         return check_response(self.peer_id, response)
 
     def close(self) -> None:
-        self._requests.put_nowait(None)
+        """Ends the session: the peer sees the end of our stream (and frees the session's cache)."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(END_OF_STREAM_FRAME)
+            self._writer.close()

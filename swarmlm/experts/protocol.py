@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional, Sequence
 import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -160,6 +160,16 @@ def unpack(data: bytes, kind: type[_Wire]) -> _Wire:
         raise RequestError(f"invalid {kind.__name__}: {problems}") from None
 
 
+def stream_frame(message) -> bytes:
+    """A protobuf `message` framed as hivemind's protobuf streams frame it (marker byte, 8-byte length, bytes),
+    for writing straight into a raw p2p stream (P2P.call_binary_stream_handler) in one write."""
+    data = message.SerializeToString()
+    return P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data
+
+
+END_OF_STREAM_FRAME = P2P.ERROR_MARKER + len(P2P.END_OF_STREAM.SerializeToString()).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
+
+
 def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     return serialize_torch_tensor(tensor.detach().cpu(), CompressionType.NONE)
 
@@ -232,5 +242,6 @@ __all__ = [
     "pack",
     "serialize",
     "serialize_all",
+    "stream_frame",
     "unpack",
 ]

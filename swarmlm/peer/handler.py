@@ -34,6 +34,7 @@ from swarmlm.experts.protocol import (
     error_response,
     pack,
     serialize,
+    stream_frame,
     unpack,
 )
 from swarmlm.experts.span import BlockSpan
@@ -557,8 +558,7 @@ class _PushStream:
         if self._writer.transport.get_write_buffer_size() > self.MAX_BUFFERED_BYTES:
             self.close()
             return False
-        data = message.SerializeToString()
-        self._writer.write(P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data)
+        self._writer.write(stream_frame(message))
         return True
 
     def close(self) -> None:
