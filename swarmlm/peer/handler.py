@@ -30,6 +30,7 @@ from swarmlm.experts.protocol import (
     SpanService,
     StateTensor,
     StepResult,
+    all_finite,
     deserialize_bounded,
     error_response,
     pack,
@@ -126,7 +127,7 @@ class SpanHandler(SpanService):
         prompts = self._tensor(tensors[-1], "prompts", num_blocks * prompt_tokens * hidden_size)
         if prompts.shape != (num_blocks, prompt_tokens, hidden_size):
             raise RequestError(f"prompts must be [{num_blocks}, {prompt_tokens}, {hidden_size}], got {list(prompts.shape)}")
-        if prompts.dtype not in FLOAT_DTYPES or not torch.isfinite(prompts).all():
+        if prompts.dtype not in FLOAT_DTYPES or not all_finite(prompts):
             raise RequestError(f"prompts must be finite float32/float16/bfloat16, got {prompts.dtype}")
         return tensors[:-1], prompts.to(self.device, self.dtype)
 
@@ -146,7 +147,7 @@ class SpanHandler(SpanService):
                 f"hidden_states shape {list(hidden.shape)} is outside limits (batch <= {limits.max_batch_size}, "
                 f"batch x seq <= {limits.max_request_tokens}, both >= 1)"
             )
-        if hidden.dtype not in FLOAT_DTYPES or not torch.isfinite(hidden).all():
+        if hidden.dtype not in FLOAT_DTYPES or not all_finite(hidden):
             raise RequestError(f"hidden_states must be finite float32/float16/bfloat16, got {hidden.dtype}")
         grad = None
         if expect_grad:
@@ -156,7 +157,8 @@ class SpanHandler(SpanService):
         position_ids = self._tensor(tensors[n_required - 1], "position_ids", batch * seq)
         if position_ids.shape != (batch, seq) or position_ids.dtype not in (torch.int64, torch.int32):
             raise RequestError(f"position_ids must be int64 [{batch}, {seq}], got {position_ids.dtype} {list(position_ids.shape)}")
-        if position_ids.min() < 0 or position_ids.max() >= limits.max_session_length:
+        lowest, highest = (int(x) for x in torch.aminmax(position_ids))
+        if lowest < 0 or highest >= limits.max_session_length:
             raise RequestError(f"position_ids must lie in [0, {limits.max_session_length})")
         mask = None
         if len(tensors) == n_required + 1:
@@ -251,7 +253,7 @@ class SpanHandler(SpanService):
     async def _answer_backward(self, request, meta: SpanRequest, span: BlockSpan, first: int, last: int):
         tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
         hidden, grad, position_ids, mask = self._parse_inputs(tensors, expect_grad=True, prompts=prompts)
-        if self.trainer is not None and not torch.isfinite(grad).all():
+        if self.trainer is not None and not all_finite(grad):
             raise RequestError("grad_outputs must be finite (this peer trains its blocks with them)")
         grads = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last, prompts)
         yield runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grads])
