@@ -374,9 +374,10 @@ def swarm_run(tiny_model_path, tmp_path_factory, starting_model):
         victim.proc.wait()
         killed_at = _epoch_line(together)["epoch"]
         parameters = sum(param.numel() for param in starting_model.model.parameters())
-        first_metrics = scrape_until(metrics_url(first), _rounds_counted(parameters), RUN_TIMEOUT)
+        # the joiner starts right away: the survivors must still be training when it asks them for the state
         joiner = stack.enter_context(start_trainer("swarm", 3, root / "t3", *run, "--initial-peers", first.maddrs[0],
                                                    second.maddrs[0], "--no-progress"))
+        first_metrics = scrape_until(metrics_url(first), _rounds_counted(parameters), RUN_TIMEOUT)
         survivors = dict(first=first, second=second, joiner=joiner)
         done = {name: _done(trainer) for name, trainer in survivors.items()}
         epochs = {name: [_epoch_line(line) for line in trainer.stdout_lines if line.startswith("EPOCH")]
