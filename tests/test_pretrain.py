@@ -453,15 +453,16 @@ def test_trained_checkpoint_is_served_by_a_peer_like_the_local_model(swarm_run):
 
 def test_local_updates_mode_averages_parameters_between_trainers(tiny_model_path, tmp_path):
     # epochs of 160 samples: long enough for each trainer's progress tracker to see the other one
-    run = ("--epochs", "4", "--target-batch-size", "160", "--num-shards", "2", "--local-updates", "--min-peers", "2",
+    # 5 epochs: the first round may fall before the two trainers see each other (one CI run counted 1 of 4)
+    run = ("--epochs", "5", "--target-batch-size", "160", "--num-shards", "2", "--local-updates", "--min-peers", "2",
            "--no-progress")
     with start_trainer("diloco", 0, tmp_path / "a", *run, "--new-swarm") as first, \
             start_trainer("diloco", 1, tmp_path / "b", *run, "--initial-peers", first.maddrs[0]) as second:
         done = [_done(first), _done(second)]
     for result in done:
-        assert result["final_epoch"] == 4 and result["agreed"]
+        assert result["final_epoch"] == 5 and result["agreed"]
         assert result["averaging"]["completed"]["gradients"] == 0  # no gradient all-reduce in this mode
-        assert result["averaging"]["completed"]["state"] >= 2  # parameters were averaged between the two
+        assert result["averaging"]["completed"]["state"] >= 2, result["averaging"]  # averaged between the two
         assert result["final_val_loss"] < result["initial_val_loss"] - 0.3
     assert done[0]["param_hash"] == done[1]["param_hash"]
 
