@@ -167,14 +167,15 @@ class InferenceStream:
         over from a step that was sent twice after a failure) are skipped."""
         try:
             await self._writer.drain()  # returns at once unless much is still unsent
-            if not self._opened:
-                await asyncio.wait_for(self._next(), timeout)  # the answer to open()
-                self._opened = True
-            while True:
-                response = await asyncio.wait_for(self._next(), timeout)
-                result = unpack(response.metadata, StepResult)
-                if result.step_id == step_id:
-                    break
+            async with asyncio.timeout(timeout):  # no task per read, unlike wait_for (this is on every token's path)
+                if not self._opened:
+                    await self._next()  # the answer to open()
+                    self._opened = True
+                while True:
+                    response = await self._next()
+                    result = unpack(response.metadata, StepResult)
+                    if result.step_id == step_id:
+                        break
         except RemotePeerError:
             raise
         except asyncio.TimeoutError:

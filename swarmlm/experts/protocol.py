@@ -8,6 +8,7 @@ data with the `parse_*` functions below, which raise `RequestError` with a clear
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, Optional, Sequence
 
 import msgpack
@@ -166,6 +167,30 @@ def stream_frame(message) -> bytes:
     for writing straight into a raw p2p stream (P2P.call_binary_stream_handler) in one write."""
     data = message.SerializeToString()
     return P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Optional[runtime_pb2.ExpertRequest]:
+    """The next request of a raw p2p stream in that framing; None where the stream ends (an end-of-stream or
+    error frame, or the connection closing, even mid-frame). RequestError on an unknown marker, a message over
+    `max_bytes` (refused before it is read) or bytes that are no ExpertRequest."""
+    try:
+        marker = await reader.readexactly(1)
+        if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+            raise RequestError(f"unknown stream frame marker {marker!r}")
+        size = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+        if size > max_bytes:
+            raise RequestError(f"a message of {size} bytes exceeds this peer's limit of {max_bytes}")
+        data = await reader.readexactly(size)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    if marker == P2P.ERROR_MARKER:
+        return None
+    request = runtime_pb2.ExpertRequest()
+    try:
+        request.ParseFromString(data)
+    except Exception as e:
+        raise RequestError(f"a message is not a valid ExpertRequest ({type(e).__name__})") from None
+    return request
 
 
 END_OF_STREAM_FRAME = P2P.ERROR_MARKER + len(P2P.END_OF_STREAM.SerializeToString()).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)

@@ -34,6 +34,7 @@ from swarmlm.experts.protocol import (
     deserialize_bounded,
     error_response,
     pack,
+    read_frame,
     serialize,
     stream_frame,
     unpack,
@@ -96,9 +97,24 @@ class SpanHandler(SpanService):
         """Whether some session is open or some call is being answered."""
         return self.active_sessions > 0 or self.active_calls > 0
 
-    async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
+    async def add_p2p_handlers(self, p2p: P2P, wrapper=None, *, namespace: Optional[str] = None,
+                               balanced: bool = False) -> None:
+        """Registers every rpc_* method; rpc_inference and rpc_push as raw stream handlers (`_serve_inference`,
+        `_serve_pushes`: same wire format, but a message reaches its session without hivemind's per-message
+        task and queue, and an answer leaves in one write)."""
+        if wrapper is not None:
+            raise ValueError("SpanHandler serves its own methods (no wrapper)")
         self._p2p = p2p  # also used to push steps to other peers
-        await super().add_p2p_handlers(p2p, *args, **kwargs)
+        self._collect_rpc_handlers()
+        raw = {"rpc_inference": self._serve_inference, "rpc_push": self._serve_pushes}
+        await asyncio.gather(*(
+            p2p.add_binary_stream_handler(self._get_handle_name(namespace, h.method_name), raw[h.method_name], balanced)
+            if h.method_name in raw else
+            p2p.add_protobuf_handler(self._get_handle_name(namespace, h.method_name), getattr(self, h.method_name),
+                                     h.request_type, stream_input=h.stream_input, stream_output=h.stream_output,
+                                     balanced=balanced)
+            for h in self._rpc_handlers
+        ))
 
     # ---- validation of remote input -------------------------------------------------------------
 
@@ -311,22 +327,31 @@ class SpanHandler(SpanService):
 
     # ---- inference sessions (server-side KV cache) -------------------------------------------------
 
-    async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """A session: first message = SpanRequest (max_length, batch_size); then one message per step.
+    def max_message_bytes(self) -> int:
+        """The largest inference message read: hidden states and deep prompts for every block of the span,
+        max_request_tokens each in float32, plus 1 MiB for position ids, mask and metadata."""
+        limits = self.limits
+        return 4 * limits.max_request_tokens * limits.hidden_size * (self.span.num_blocks + 1) + 2**20
+
+    async def _serve_inference(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """rpc_inference: a session. First message = SpanRequest (max_length, batch_size); then one message per step.
 
         Each step carries [hidden, position_ids, (attention_mask for the new tokens)] and
         InferenceStep(position); `position` may be below the cached length to rewind the session.
-        Steps may also arrive from the previous peer of the client's route (rpc_push); all are answered here.
-        """
-        inbox = _Inbox(requests)
+        Steps may also arrive from the previous peer of the client's route (rpc_push); all are answered here,
+        one frame per answer."""
+        context = P2PContext(handle_name="rpc_inference", local_id=self._p2p.peer_id, remote_id=info.peer_id)
+        inbox = _Inbox(reader, self.max_message_bytes())
         try:
             async with aclosing(self._serve_session(inbox, context, inbox)) as responses:
                 async for response in responses:
-                    yield response
+                    writer.write(stream_frame(response))
+                    await writer.drain()  # returns at once unless the caller reads slowly
+        except ConnectionError as e:  # the caller left; its session ends here
+            logger.debug(f"Inference stream of {info.peer_id} broke: {type(e).__name__}: {e}")
         finally:
             inbox.close()
+            writer.close()
 
     @metered("inference")
     async def _serve_session(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext,
@@ -359,7 +384,8 @@ class SpanHandler(SpanService):
                                max_length=max_length)
             while True:
                 try:
-                    message = await asyncio.wait_for(requests.__anext__(), self.limits.session_timeout)
+                    async with asyncio.timeout(self.limits.session_timeout):  # no task per message, unlike wait_for
+                        message = await requests.__anext__()
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
@@ -376,21 +402,23 @@ class SpanHandler(SpanService):
                 reservation.release()
                 self.active_sessions -= 1
 
-    async def rpc_push(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Steps pushed by another peer go to the inbox of their session (validated there, like a client's)."""
-        async for message in requests:
-            try:
-                step = unpack(message.metadata, InferenceStep)
-                inbox = self._sessions.get(step.session_id) if step.session_id is not None else None
-                if inbox is None:
-                    raise RequestError(f"no open session {step.session_id!r} accepts pushed steps here")
-                inbox.push(message)
-            except RequestError as e:
-                logger.info(f"Dropped a step pushed by {context.remote_id}: {e}")
-        return
-        yield
+    async def _serve_pushes(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """rpc_push: steps pushed by another peer go to the inbox of their session (validated there, like a
+        client's); a step for no open session is dropped. A stream that is not framed right is closed."""
+        try:
+            while (message := await read_frame(reader, self.max_message_bytes())) is not None:
+                try:
+                    step = unpack(message.metadata, InferenceStep)
+                    inbox = self._sessions.get(step.session_id) if step.session_id is not None else None
+                    if inbox is None:
+                        raise RequestError(f"no open session {step.session_id!r} accepts pushed steps here")
+                    inbox.push(message)
+                except RequestError as e:
+                    logger.info(f"Dropped a step pushed by {info.peer_id}: {e}")
+        except RequestError as e:
+            logger.info(f"Closed the push stream of {info.peer_id}: {e}")
+        finally:
+            writer.close()
 
     def _push(self, target: PushTarget, message: runtime_pb2.ExpertRequest) -> bool:
         """Sends `message` on our push stream to `target.peer_id`; False if that stream is not open (yet): it is
@@ -488,19 +516,21 @@ class _Session:
 
 
 class _Inbox:
-    """The messages of one inference session: its caller's stream merged with the steps other peers push
-    into it. Iterating ends when the caller's stream ends."""
+    """The messages of one inference session: its caller's raw stream merged with the steps other peers push
+    into it. Iterating ends when the caller's stream ends; a caller's message that cannot be read (see
+    read_frame) raises RequestError, then iterating ends."""
 
-    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
-        self._requests = requests
+    def __init__(self, reader: asyncio.StreamReader, max_bytes: int):
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pushed = 0  # pushed steps in the queue
-        self._pump = asyncio.create_task(self._forward_caller())
+        self._pump = asyncio.create_task(self._forward_caller(reader, max_bytes))
 
-    async def _forward_caller(self) -> None:
+    async def _forward_caller(self, reader: asyncio.StreamReader, max_bytes: int) -> None:
         try:
-            async for message in self._requests:
+            while (message := await read_frame(reader, max_bytes)) is not None:
                 self._queue.put_nowait((False, message))
+        except RequestError as e:
+            self._queue.put_nowait((False, e))
         finally:
             self._queue.put_nowait((False, None))
 
@@ -518,6 +548,8 @@ class _Inbox:
         if message is None:
             self._queue.put_nowait((False, None))  # stays ended
             raise StopAsyncIteration
+        if isinstance(message, RequestError):
+            raise message
         self._pushed -= pushed
         return message
 
