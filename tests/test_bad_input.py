@@ -11,7 +11,9 @@ from hivemind.proto import runtime_pb2
 
 from swarmlm.client.rpc import InferenceStream, call_forward
 from swarmlm.errors import RemotePeerError
-from swarmlm.experts.protocol import InferenceStep, SpanRequest, SpanService, check_response, pack, serialize
+from swarmlm.experts.protocol import (
+    InferenceStep, SpanRequest, SpanService, StepResult, check_response, pack, serialize, unpack,
+)
 from swarmlm.models.embedded import DEFAULT_MODEL
 
 HIDDEN = 128
@@ -202,8 +204,9 @@ def test_a_step_below_the_cached_length_rewinds_the_session(client):
 
 
 def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
-    """rpc_push: garbage metadata and steps for sessions that are not open here are dropped; an open
-    session and the peer keep serving, and a valid push into the session is answered on its client's stream."""
+    """rpc_push: garbage metadata, steps for sessions that are not open here and a second push of a step
+    already served are dropped; an open session and the peer keep serving, and valid pushes into the session
+    are answered on its client's stream."""
     remote, peer = client
     span = SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1)
 
@@ -219,20 +222,28 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
             runtime_pb2.ExpertRequest(metadata=pack(InferenceStep(position=4, session_id="0" * 32))),
             runtime_pb2.ExpertRequest(metadata=pack(InferenceStep(position=4))),  # no session id
         ]
-        pushed = runtime_pb2.ExpertRequest(
-            tensors=[serialize(token), serialize(torch.tensor([[4]]))],
-            metadata=pack(InferenceStep(position=4, step_id=77, session_id=stream.span.session_id)),
-        )
-        done = asyncio.Event()
+        def push(step_id: int, position: int) -> runtime_pb2.ExpertRequest:
+            return runtime_pb2.ExpertRequest(
+                tensors=[serialize(token), serialize(torch.tensor([[position]]))],
+                metadata=pack(InferenceStep(position=position, step_id=step_id, session_id=stream.span.session_id)),
+            )
+
+        served, done = asyncio.Event(), asyncio.Event()
 
         async def pushes():
-            for message in [*garbage, pushed]:
+            for message in [*garbage, push(77, 4)]:
                 yield message
+            await served.wait()
+            yield push(77, 4)  # stale: step 77 was served; dropped, not answered
+            yield push(78, 5)
             await done.wait()
 
         responses = await SpanService.get_stub(remote.p2p, PeerID.from_base58(peer)).rpc_push(pushes())
         try:
             output, _ = await stream.receive(77, 30)  # the pushed step, answered to the session's client
+            served.set()
+            next_answer = unpack((await stream._next()).metadata, StepResult)
+            assert (next_answer.step_id, next_answer.position) == (78, 6), next_answer
         finally:
             done.set()
         async for _ in responses:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 PROMPTS = ["Python supports several kinds of", "A class definition"]
@@ -121,3 +123,33 @@ def test_a_banned_sole_server_is_still_used(dist_model, local_model, tokenizer):
     finally:
         for peer_id in remote.manager.candidates():
             remote.bans.clear(peer_id)
+
+
+def test_a_lost_push_costs_the_push_timeout_then_the_client_sends_the_step(dist_model, local_model, tokenizer,
+                                                                         monkeypatch):
+    """Pushes into the second hop are lost (they name a session that does not exist there, so the peer drops
+    them): the first lost one is noticed after push_timeout, the client sends that step itself and stops
+    pushing into the hop; the tokens equal the local model's, with no failover and no request timeout."""
+    from swarmlm.client.rpc import InferenceStream
+    from swarmlm.experts.protocol import PushTarget
+
+    opened = InferenceStream.__init__
+
+    def lost_pushes(self, peer_id, span):
+        opened(self, peer_id, span)
+        self.push_target = PushTarget(peer_id=peer_id, session_id="f" * 32)  # not this session's id
+
+    monkeypatch.setattr(InferenceStream, "__init__", lost_pushes)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    local = local_model.generate(ids, **kwargs)
+    config = dist_model.remote.config
+    monkeypatch.setattr(config, "push_timeout", 0.5)
+    with dist_model.inference_session(max_length=ids.shape[1] + 12) as session:
+        started = time.perf_counter()
+        remote = dist_model.generate(ids, session=session, **kwargs)
+        seconds = time.perf_counter() - started
+    assert remote.tolist() == local.tolist()
+    assert len(session.route) == 2 and session.lost_pushes == 1 and session.pushed_steps == 1
+    assert session.failovers == 0
+    assert seconds < config.request_timeout, seconds

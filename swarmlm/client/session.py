@@ -24,11 +24,20 @@ from swarmlm.experts.protocol import PushTarget
 logger = logging.getLogger(__name__)
 
 
+PUSH_WAIT_FACTOR = 4.0  # a pushed step's answer is overdue after this many times the hop's usual answer time
+
+
 @dataclass
 class _Hop:
     route: RouteHop
     stream: InferenceStream
     length: int = 0  # tokens this hop's peer holds for the session
+    takes_pushes: bool = True  # False after a step pushed to it was lost: the client sends it every step
+    answer_seconds: Optional[float] = None  # moving average of the wait for its answer (from the previous answer)
+
+    def observe_answer(self, seconds: float) -> None:
+        previous = self.answer_seconds
+        self.answer_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
 
 def _close_all(hops: list[_Hop]) -> None:
@@ -76,6 +85,7 @@ class InferenceSession:
         self.output_mask: Optional[torch.Tensor] = None  # [batch, n] attention mask of output_ids
         self.failovers = 0  # hops replaced after a failure, over the session's life
         self.pushed_steps = 0  # hop steps that a peer sent straight to the next peer (ClientConfig.peer_push)
+        self.lost_pushes = 0  # pushed hop steps whose answer was overdue, so the client sent them itself
         self.prefix_tokens = 0  # leading virtual tokens (prompt tuning) among `position`
         self._hops: list[_Hop] = []
         self._history: Optional[_History] = None
@@ -130,18 +140,26 @@ class InferenceSession:
                 self._hops = await self._open(0, self.remote.num_blocks)
             except (MissingBlocksError, RemotePeerError) as e:
                 await attempts.failed(e, getattr(e, "peer", None))
+        loop = asyncio.get_running_loop()
         while i < len(self._hops):
-            hop = self._hops[i]
+            hop, resend = self._hops[i], None
             try:
-                if not sent:  # else the previous hop's peer pushed this step to the hop's peer
+                if not sent:
                     self._send(hop, start, end, self._push_chain(i + 1, start))
+                else:  # the previous hop's peer pushed this step to the hop's peer; if the answer is late, it was lost
+                    resend = loop.call_later(self._push_wait(hop), self._resend_pushed, hop, i, start, end)
+                waiting_since = loop.time()
                 output, sent = await hop.stream.receive(self._step_id, self.remote.config.request_timeout)
+                hop.observe_answer(loop.time() - waiting_since)
                 self.pushed_steps += sent
             except RemotePeerError as e:
                 await attempts.failed(e, e.peer)
                 await self._replace(i, attempts)
                 sent = False
                 continue
+            finally:
+                if resend is not None:
+                    resend.cancel()
             self.remote.bans.clear(hop.route.peer_id)  # O(1) unless the peer has failures on record
             if hop.route.end < self.remote.num_blocks:
                 history.write(hop.route.end, hop.length, output)
@@ -158,13 +176,33 @@ class InferenceSession:
 
     def _push_chain(self, i: int, start: int) -> list[PushTarget]:
         """The hops from i on that can take this step (tokens from `start`) straight from the previous hop's
-        peer: they hold exactly `start` tokens and have accepted their session; none for the first step."""
+        peer: they hold exactly `start` tokens, have accepted their session and lost no push; none for the
+        first step."""
         chain = []
         for hop in self._hops[i:] if start > 0 and self.remote.config.peer_push else ():
-            if hop.length != start or not hop.stream.opened:
+            if hop.length != start or not hop.stream.opened or not hop.takes_pushes:
                 break
             chain.append(hop.stream.push_target)
         return chain
+
+    def _push_wait(self, hop: _Hop) -> float:
+        """Seconds after which the answer to a step pushed into `hop` is overdue (the push counts as lost)."""
+        usual = hop.answer_seconds if hop.answer_seconds is not None else 0.0
+        return max(self.remote.config.push_timeout, PUSH_WAIT_FACTOR * usual)
+
+    def _resend_pushed(self, hop: _Hop, i: int, start: int, end: int) -> None:
+        """The answer to a step pushed into hop i is overdue: the push was lost (its stream between the peers
+        broke, or the peer dropped it). Sends the step ourselves and no longer pushes into this hop. If the
+        push arrives after all, the peer answers twice with the same step id; the first answer is used, and
+        a push that comes after the step was served is dropped there."""
+        hop.takes_pushes = False
+        self.lost_pushes += 1
+        logger.info(f"A step pushed to {hop.route.peer_id} had no answer within {self._push_wait(hop):.1f} s; "
+                    f"sending it directly (no more pushes into that hop)")
+        try:
+            self._send(hop, start, end, self._push_chain(i + 1, start))
+        except RemotePeerError:
+            pass  # the stream is closed: receive() fails with that, and the hop is replaced
 
     async def _open(self, start: int, end: int) -> list[_Hop]:
         """Opens streams on the cheapest route for blocks [start, end) (their answers come with the first step).

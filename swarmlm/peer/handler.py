@@ -391,6 +391,8 @@ class SpanHandler(SpanService):
                 except asyncio.TimeoutError:
                     raise RequestError(f"session closed after {self.limits.session_timeout} s without a step") from None
                 step = unpack(message.metadata, InferenceStep)
+                if step.session_id is not None and step.step_id <= session.last_step_id:
+                    continue  # a push that came after its client sent the step itself (and it was served): dropped
                 yield await self._inference_step(session, step, message.tensors)
         except Exception as e:
             yield self._error(e, "inference", context)
@@ -455,6 +457,7 @@ class SpanHandler(SpanService):
             output = self._step(session, step.position, hidden, position_ids, mask, prompts)
         else:
             output = await self._run(self._step, session, step.position, hidden, position_ids, mask, prompts)
+        session.last_step_id = max(session.last_step_id, step.step_id)
         serialized, pushed = serialize(output), False
         if step.push_to and not step.prompt_tokens:  # first to the next peer: it is on the critical path
             target = step.push_to[0]
@@ -513,6 +516,7 @@ class _Session:
     max_length: int
     length: int = 0
     mask: Optional[torch.Tensor] = None  # [batch, length] bool, None while all ones
+    last_step_id: int = 0  # highest InferenceStep.step_id served (pushed steps up to it are stale)
 
 
 class _Inbox:
@@ -562,7 +566,8 @@ class _PushStream:
 
     Messages are written straight into the stream (hivemind's protobuf stream framing) as `send` is called,
     without waiting for a writer task, so a pushed step leaves before the answer to the client does. A push
-    that was written but never arrives (the stream broke meanwhile) costs the client one request timeout."""
+    that was written but never arrives (the stream broke meanwhile) costs the client its push timeout, after
+    which it sends the step itself (ClientConfig.push_timeout)."""
 
     MAX_BUFFERED_BYTES = 64 * 1024**2  # a target that reads slower than this is given up on
 
