@@ -256,3 +256,35 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
     assert prompt.shape == (1, 4, HIDDEN) and output.shape == (1, 1, HIDDEN)
     torch.testing.assert_close(output, again)
     _valid(client)
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (b"\x07" + b"\x00" * 16, "unknown stream frame marker"),
+        (b"\x00" + (2**40).to_bytes(8, "big"), "exceeds this peer's limit"),  # refused before any of it is read
+        (b"\x00" + (3).to_bytes(8, "big") + b"\xff\xff\xff", "not a valid ExpertRequest"),
+    ],
+)
+def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, message):
+    """rpc_inference reads raw frames: a bad marker, an oversized length or bytes that are no protobuf are
+    answered with a bad_request error; the peer keeps serving."""
+    from hivemind.p2p import P2P, PeerID
+
+    remote, peer = client
+
+    async def call():
+        _, reader, writer = await remote.p2p.call_binary_stream_handler(
+            PeerID.from_base58(peer), SpanService._get_handle_name(None, "rpc_inference"))
+        try:
+            writer.write(frame)
+            response, error = await asyncio.wait_for(P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader), 30)
+            assert error is None
+            return check_response(peer, response)
+        finally:
+            writer.close()
+
+    with pytest.raises(RemotePeerError) as info:
+        remote.loop.run(call())
+    assert info.value.code == "bad_request" and message in str(info.value), str(info.value)
+    _valid(client)
