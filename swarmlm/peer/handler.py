@@ -56,6 +56,7 @@ INLINE_STEP_SECONDS = 0.02  # ...if such steps took at most this long (see _runs
 MAX_PUSH_STREAMS = 256  # open rpc_push streams to other peers at most (one per peer pushed to)
 MAX_WAITING_PUSHES = 8  # pushed steps a session holds before it drops more
 PUSH_RETRY_SECONDS = 30.0  # a push stream that failed is re-opened no sooner than this after it was opened
+PUSH_IDLE_SECONDS = 300.0  # a push stream unused this long is closed (checked while pushing, every 30 s)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class SpanHandler(SpanService):
         self._p2p: Optional[P2P] = None
         self._sessions: dict[str, _Inbox] = {}  # session_id -> inbox of an open session that accepts pushes
         self._push_streams: dict[str, _PushStream] = {}  # peer id -> our stream of pushed steps to it
+        self._push_streams_checked = time.monotonic()  # when idle push streams were last closed
 
     def stop_accepting(self) -> None:
         """Refuses new sessions and stateless calls from now on; running ones go on (see `busy`)."""
@@ -425,11 +427,16 @@ class SpanHandler(SpanService):
     def _push(self, target: PushTarget, message: runtime_pb2.ExpertRequest) -> bool:
         """Sends `message` on our push stream to `target.peer_id`; False if that stream is not open (yet): it is
         opened in the background on first use and re-opened at most every PUSH_RETRY_SECONDS after it failed."""
+        now = time.monotonic()
+        if now - self._push_streams_checked >= PUSH_IDLE_SECONDS / 10:
+            self._close_idle_push_streams(now)
         stream = self._push_streams.get(target.peer_id)
-        if stream is not None and stream.closed and time.monotonic() - stream.started >= PUSH_RETRY_SECONDS:
+        if stream is not None and stream.closed and now - stream.started >= PUSH_RETRY_SECONDS:
             del self._push_streams[target.peer_id]
             stream = None
         if stream is None:
+            if len(self._push_streams) >= MAX_PUSH_STREAMS:
+                self._close_idle_push_streams(now)
             if self._p2p is None or len(self._push_streams) >= MAX_PUSH_STREAMS:
                 return False
             try:
@@ -439,6 +446,15 @@ class SpanHandler(SpanService):
             self._push_streams[target.peer_id] = _PushStream(self._p2p, peer_id)
             return False
         return stream.send(message)
+
+    def _close_idle_push_streams(self, now: float) -> None:
+        """Closes and forgets the push streams that carried nothing for PUSH_IDLE_SECONDS (and failed ones that
+        may be retried), so that a long-lived peer keeps only the streams its current routes use."""
+        self._push_streams_checked = now
+        for peer_id, stream in list(self._push_streams.items()):
+            if now - stream.last_used >= PUSH_IDLE_SECONDS or (stream.closed and now - stream.started >= PUSH_RETRY_SECONDS):
+                stream.close()
+                del self._push_streams[peer_id]
 
     async def _inference_step(self, session: "_Session", step: InferenceStep, tensors) -> runtime_pb2.ExpertResponse:
         if step.position > session.length:
@@ -574,7 +590,7 @@ class _PushStream:
     def __init__(self, p2p: P2P, peer_id: PeerID):
         self._writer: Optional[asyncio.StreamWriter] = None
         self.closed = False
-        self.started = time.monotonic()
+        self.started = self.last_used = time.monotonic()
         self._task = asyncio.create_task(self._run(p2p, peer_id))
 
     async def _run(self, p2p: P2P, peer_id: PeerID) -> None:
@@ -598,6 +614,7 @@ class _PushStream:
             self.close()
             return False
         self._writer.write(stream_frame(message))
+        self.last_used = time.monotonic()
         return True
 
     def close(self) -> None:

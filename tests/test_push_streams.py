@@ -1,0 +1,68 @@
+"""A peer's push streams to other peers (SpanHandler._push): idle ones are closed, failed ones retried later.
+No processes: the streams are stand-ins that record what happens to them."""
+
+from __future__ import annotations
+
+import time
+
+import swarmlm.peer.handler as handler_module
+from swarmlm.experts.protocol import PushTarget
+from swarmlm.peer.handler import PUSH_IDLE_SECONDS, PUSH_RETRY_SECONDS, SpanHandler
+
+
+class _Stream:
+    def __init__(self, *_):
+        self.started = self.last_used = time.monotonic()
+        self.closed = False
+        self.sent = 0
+
+    def send(self, message) -> bool:
+        self.sent += 1
+        self.last_used = time.monotonic()
+        return not self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _handler(monkeypatch) -> SpanHandler:
+    monkeypatch.setattr(handler_module, "_PushStream", _Stream)
+    handler = SpanHandler.__new__(SpanHandler)  # only the push-stream state is used here
+    handler._p2p = object()
+    handler._push_streams = {}
+    handler._push_streams_checked = time.monotonic()
+    return handler
+
+
+def _target(i: int) -> PushTarget:
+    """A push target on peer i; i = 0: a peer id that is not base58."""
+    return PushTarget(peer_id=f"QmPeer{i}abc" if i else "0OIl not base58", session_id="0" * 32)
+
+
+def test_a_stream_opens_on_first_use_then_carries_pushes(monkeypatch):
+    handler, target = _handler(monkeypatch), _target(1)
+    assert handler._push(target, None) is False  # opening in the background
+    assert handler._push(target, None) is True
+    assert handler._push_streams[target.peer_id].sent == 1
+
+
+def test_idle_and_failed_streams_are_closed_and_reopened_later(monkeypatch):
+    handler = _handler(monkeypatch)
+    idle, busy, failed = _target(1), _target(2), _target(3)
+    for target in (idle, busy, failed):
+        handler._push(target, None)
+    streams = dict(handler._push_streams)
+    now = time.monotonic()
+    streams[idle.peer_id].last_used = now - PUSH_IDLE_SECONDS
+    streams[failed.peer_id].closed = True
+    streams[failed.peer_id].started = now - PUSH_RETRY_SECONDS
+    handler._push_streams_checked = now - PUSH_IDLE_SECONDS  # the periodic check is due
+    assert handler._push(busy, None) is True
+    assert streams[idle.peer_id].closed and set(handler._push_streams) == {busy.peer_id}
+    assert handler._push(failed, None) is False  # a fresh stream opens for the next push
+    assert handler._push_streams[failed.peer_id] is not streams[failed.peer_id]
+
+
+def test_a_target_that_is_no_peer_id_is_not_pushed_to(monkeypatch):
+    handler = _handler(monkeypatch)
+    assert handler._push(_target(0), None) is False and handler._push_streams == {}
