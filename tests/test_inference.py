@@ -153,3 +153,24 @@ def test_a_lost_push_costs_the_push_timeout_then_the_client_sends_the_step(dist_
     assert len(session.route) == 2 and session.lost_pushes == 1 and session.pushed_steps == 1
     assert session.failovers == 0
     assert seconds < config.request_timeout, seconds
+
+
+def test_an_answer_of_the_wrong_shape_counts_as_a_peer_failure(dist_model, local_model, tokenizer, monkeypatch):
+    """A peer's answer to a step that is not [batch, tokens, hidden] (here: one answer cut short) fails that hop:
+    the client replays its history into a fresh session and the tokens still equal the local model's."""
+    from swarmlm.client.rpc import InferenceStream
+
+    receive, answers = InferenceStream.receive, []
+
+    async def one_bad_answer(self, step_id, timeout):
+        output, pushed = await receive(self, step_id, timeout)
+        answers.append(step_id)
+        return (output[:, :, :-1] if len(answers) == 7 else output), pushed
+
+    monkeypatch.setattr(InferenceStream, "receive", one_bad_answer)
+    ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    with dist_model.inference_session(max_length=ids.shape[1] + 10) as session:
+        remote = dist_model.generate(ids, session=session, **kwargs)
+    assert remote.tolist() == local_model.generate(ids, **kwargs).tolist()
+    assert session.failovers == 1

@@ -184,7 +184,10 @@ class InferenceStream:
             raise RemotePeerError(self.peer_id, f"{type(e).__name__}: {e}") from e
         if len(response.tensors) != 1:
             raise RemotePeerError(self.peer_id, f"answered an inference step with {len(response.tensors)} tensors")
-        return deserialize_tensor(response.tensors[0]), result.pushed
+        try:
+            return deserialize_tensor(response.tensors[0]), result.pushed
+        except Exception as e:
+            raise RemotePeerError(self.peer_id, f"answered an unreadable tensor ({type(e).__name__}: {e})") from e
 
     async def _next(self) -> runtime_pb2.ExpertResponse:
         try:

@@ -40,6 +40,13 @@ class _Hop:
         self.answer_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
 
+def _check_output(hop: _Hop, output: torch.Tensor, shape: tuple[int, int, int]) -> None:
+    """A hop's answer must be the hidden states [batch, tokens sent, hidden] (else the peer counts as failed)."""
+    if tuple(output.shape) != shape or not output.is_floating_point():
+        raise RemotePeerError(hop.route.peer_id, f"answered a step with a {output.dtype} tensor of shape "
+                              f"{list(output.shape)}, expected {list(shape)}")
+
+
 def _close_all(hops: list[_Hop]) -> None:
     for hop in hops:
         hop.stream.close()
@@ -150,6 +157,7 @@ class InferenceSession:
                     resend = loop.call_later(self._push_wait(hop), self._resend_pushed, hop, i, start, end)
                 waiting_since = loop.time()
                 output, sent = await hop.stream.receive(self._step_id, self.remote.config.request_timeout)
+                _check_output(hop, output, (self._batch, end - hop.length, hidden.shape[2]))
                 hop.observe_answer(loop.time() - waiting_since)
                 self.pushed_steps += sent
             except RemotePeerError as e:

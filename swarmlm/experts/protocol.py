@@ -196,21 +196,38 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Optional[r
 END_OF_STREAM_FRAME = P2P.ERROR_MARKER + len(P2P.END_OF_STREAM.SerializeToString()).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
 
 
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
+                 "uint8": np.uint8, "int8": np.int8}
+_TORCH_DTYPE_NAMES = {getattr(torch, name): name for name in _NUMPY_DTYPES}
+_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
+
+
 def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    return serialize_torch_tensor(tensor.detach().cpu(), CompressionType.NONE)
+    """The tensor (moved to the CPU, no grad) as hivemind's uncompressed Tensor message: for the dtypes numpy
+    holds, built directly (the same message as hivemind's NoCompression, without its per-call descriptor)."""
+    tensor = tensor.detach().cpu()
+    name = _TORCH_DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        return serialize_torch_tensor(tensor, CompressionType.NONE)
+    return runtime_pb2.Tensor(compression=CompressionType.NONE, buffer=tensor.numpy().tobytes(), size=tensor.shape,
+                              dtype=name, requires_grad=False)
 
 
 def serialize_all(tensors: Sequence[torch.Tensor]) -> list[runtime_pb2.Tensor]:
     return [serialize(t) for t in tensors]
 
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
-                 "uint8": np.uint8, "int8": np.int8}
-_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
-
-
 def deserialize_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    """A tensor of a peer's answer (the caller checks its shape; peers read requests with deserialize_bounded)."""
+    if proto.compression == CompressionType.NONE and proto.dtype in _NUMPY_DTYPES:
+        return _from_buffer(proto).requires_grad_(proto.requires_grad)
     return deserialize_torch_tensor(proto)
+
+
+def _from_buffer(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    """An uncompressed tensor of a numpy dtype: the same values as hivemind's NoCompression reads, in a third of
+    its time."""
+    return torch.from_numpy(np.frombuffer(proto.buffer, _NUMPY_DTYPES[proto.dtype]).copy()).reshape(tuple(proto.size))
 
 
 def deserialize_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str) -> torch.Tensor:
@@ -225,9 +242,7 @@ def deserialize_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str)
     if len(proto.buffer) != numel * _DTYPE_SIZES[proto.dtype]:
         raise RequestError(f"{what}: buffer of {len(proto.buffer)} bytes does not match shape {list(proto.size)}")
     try:
-        if proto.dtype in _NUMPY_DTYPES:  # the same bytes as hivemind's NoCompression reads, in a third of its time
-            return torch.from_numpy(np.frombuffer(proto.buffer, _NUMPY_DTYPES[proto.dtype]).copy()).reshape(tuple(proto.size))
-        return deserialize_torch_tensor(proto)
+        return _from_buffer(proto) if proto.dtype in _NUMPY_DTYPES else deserialize_torch_tensor(proto)
     except Exception as e:
         raise RequestError(f"{what}: cannot deserialize ({type(e).__name__}: {e})") from None
 
