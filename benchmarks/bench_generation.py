@@ -6,8 +6,10 @@ on 127.0.0.1, then times `generate(do_sample=False)` at batch 1 through the swar
 alternate (the machine's speed drifts during a run; both sides see the same drift). Each side gets one
 warm-up run, then the median of `--repeats` runs is reported as tokens/s (new tokens over the wall time
 of the whole generate() call, prompt prefill included), together with the ratio
-swarm/local and the per-token overhead of the swarm in ms: (1/swarm - 1/local) * 1000. It also
-checks that both produce the same tokens.
+swarm/local (and the lowest and highest ratio of one alternating pair: the run's noise) and the per-token
+overhead of the swarm in ms: (1/swarm - 1/local) * 1000. It also checks that both produce the same tokens.
+To compare two versions of the peer code, use compare_peers.py: separate runs of this script differ by
+up to 0.5 ms/token on a shared machine.
 
 `--device cuda --torch-dtype bfloat16` runs the peers' blocks and the local baseline model on that
 device and dtype (the swarm client itself, embeddings and LM head, stays on the CPU in float32);
@@ -58,6 +60,7 @@ class Result:
     swarm_tps: float
     local_tps: float
     match: bool
+    pair_ratios: tuple[float, ...] = ()  # swarm/local of each alternating pair (shows the run's noise)
 
     @property
     def ratio(self) -> float:
@@ -92,6 +95,23 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int,
     return (output.shape[1] - input_ids.shape[1]) / (time.perf_counter() - start), output
 
 
+def start_swarm(nodes: list[Node], path: Path, log_prefix: Path, env: dict, peer_threads: int = 1,
+                device: str = "cpu", torch_dtype: str = "float32") -> list[str]:
+    """Starts a DHT node and one peer per span of SPANS on `path` (appended to `nodes` as they start, so the
+    caller can stop them whatever happens); returns the DHT's multiaddrs once every peer is ready."""
+    dht = Node(["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], Path(f"{log_prefix}-dht.log"), env)
+    nodes.append(dht)
+    dht_maddrs = dht.wait_ready()
+    peers = [Node(["peer", "--model", str(path), "--blocks", span, "--initial-peers", *dht_maddrs,
+                   "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--num-threads", str(peer_threads),
+                   "--device", device, "--torch-dtype", torch_dtype], Path(f"{log_prefix}-peer{i}.log"), env)
+             for i, span in enumerate(SPANS)]  # they load in parallel
+    nodes += peers
+    for peer in peers:
+        peer.wait_ready()
+    return dht_maddrs
+
+
 def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -> Result:
     path = model_dir(name)
     input_ids = torch.randint(3, 2048, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
@@ -99,16 +119,7 @@ def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -
     nodes: list[Node] = []
     swarm = local = None
     try:
-        dht = Node(["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], log_dir / f"{name}-dht.log", env)
-        nodes.append(dht)
-        dht_maddrs = dht.wait_ready()
-        for i, span in enumerate(SPANS):  # peers load in parallel
-            nodes.append(Node(["peer", "--model", str(path), "--blocks", span, "--initial-peers", *dht_maddrs,
-                               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--num-threads", str(args.peer_threads),
-                               "--device", args.device, "--torch-dtype", args.torch_dtype],
-                              log_dir / f"{name}-peer{i}.log", env))
-        for peer in nodes[1:]:
-            peer.wait_ready()
+        dht_maddrs = start_swarm(nodes, path, log_dir / name, env, args.peer_threads, args.device, args.torch_dtype)
         print(f"[{name}] swarm ready: dht + peers {', '.join(SPANS)}", flush=True)
 
         swarm = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=dht_maddrs)
@@ -132,9 +143,11 @@ def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -
             torch.cuda.empty_cache()
 
     result = Result(name, statistics.median(speeds["swarm"]), statistics.median(speeds["local"]),
-                    torch.equal(swarm_ids.cpu(), local_ids.cpu()))
+                    torch.equal(swarm_ids.cpu(), local_ids.cpu()),
+                    tuple(s / l for s, l in zip(speeds["swarm"], speeds["local"])))
     print(f"[{name}] swarm {result.swarm_tps:.1f} tok/s | local {result.local_tps:.1f} tok/s | "
-          f"ratio {result.ratio:.3f} | overhead {result.overhead_ms:.2f} ms/token | "
+          f"ratio {result.ratio:.3f} (pairs {min(result.pair_ratios):.3f}-{max(result.pair_ratios):.3f}) | "
+          f"overhead {result.overhead_ms:.2f} ms/token | "
           f"tokens match: {'yes' if result.match else 'NO'}", flush=True)
     return result
 
