@@ -255,6 +255,33 @@ def test_a_leaving_peer_finishes_its_session_and_refuses_new_work(client, replic
     assert "still running" not in process.stderr  # it stopped because the session closed, not at its drain limit
 
 
+def test_a_leaving_peer_answers_the_forward_call_it_is_running(client, replicas):
+    """SIGTERM while a peer computes a long forward call: the call is still answered, with the same output as
+    another replica of those blocks gives, and the peer exits with code 0 once it has answered."""
+    from swarmlm.client.rpc import call_forward, call_info
+    from swarmlm.experts.protocol import SpanRequest
+
+    remote = client.remote
+    leaving, other = [peer_id for peer_id, (_, span) in replicas.peers.items() if span == "0:4"][:2]
+    span = SpanRequest(model=remote.model, start=0, end=4)
+    hidden = torch.randn(8, 2048, client.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(2048).repeat(8, 1)  # 8 x 2048 tokens: the peer computes for a while
+
+    def forward(peer_id: str):
+        return call_forward(remote.p2p, peer_id, span, hidden, positions, None, 120.0)
+
+    call = remote.loop.submit(forward(leaving))
+    wait_until(lambda: call.done() or remote.loop.run(call_info(remote.p2p, leaving, 5.0)).active_calls > 0, 60,
+               "the forward call running on the peer")
+    assert not call.done(), "the forward call ended before the peer was asked to leave: make it longer"
+    process = replicas.leave(leaving)
+    output = call.result(timeout=120)
+    assert process.proc.wait(timeout=60) == 0
+    wait_until(lambda: "Peer stopped" in process.stderr, 10, "the peer's last log line")
+    assert "still running" not in process.stderr  # it stopped because the call was answered, not at its drain limit
+    torch.testing.assert_close(output, remote.loop.run(forward(other)), atol=1e-4, rtol=0)
+
+
 def test_a_clear_error_when_every_replica_is_gone(client, replicas, prompt_ids):
     """With no live peer left for some blocks, the client gives up after bounded retries."""
     from swarmlm.errors import SwarmError

@@ -76,6 +76,7 @@ class PeerInfo(_Wire):
     end: int = Field(ge=1)  # last block served (exclusive)
     free_cache_tokens: int = Field(ge=0)  # KV-cache tokens not reserved by open sessions
     accepting_sessions: bool  # False while the peer shuts down (it refuses new sessions and calls)
+    active_calls: int = Field(default=0, ge=0)  # forward/backward/state calls being answered now
     training_epoch: Optional[int] = Field(default=None, ge=0)  # the span's epoch on a training peer; None: frozen
 
 

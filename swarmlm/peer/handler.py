@@ -296,7 +296,7 @@ class SpanHandler(SpanService):
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         info = PeerInfo(start=self.span.start, end=self.span.end, free_cache_tokens=max(self.budget.free_tokens, 0),
-                        accepting_sessions=self.accepting_sessions,
+                        accepting_sessions=self.accepting_sessions, active_calls=self.active_calls,
                         training_epoch=self.trainer.epoch if self.trainer is not None else None)
         return runtime_pb2.ExpertResponse(metadata=pack(info))
 
