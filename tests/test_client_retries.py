@@ -270,3 +270,20 @@ def test_a_successful_inference_step_clears_the_peers_ban_record(monkeypatch):
     output = asyncio.run(session._step(hidden, torch.arange(3)[None], None))
     assert torch.equal(output, hidden + 2)
     assert session.remote.bans.failures("b") == 0 and session.failovers == 0
+
+
+def test_a_pushed_step_is_overdue_after_a_multiple_of_the_hops_usual_answer_time(monkeypatch):
+    """push_timeout at least; 4x the moving average of the hop's answers (the prefill's at first), scaled up
+    for steps of more than 8 tokens."""
+    session = session_stub(monkeypatch, [])
+    hop = _Hop(RouteHop("b", 4, 8), FakeStream("b", None))
+    assert session._push_wait(hop, 1) == session.remote.config.push_timeout == 1.0  # nothing observed yet
+    hop.observe_answer(2.0)  # a slow prefill
+    assert session._push_wait(hop, 1) == 8.0
+    for _ in range(40):
+        hop.observe_answer(0.01)  # fast decoding steps
+    assert session._push_wait(hop, 1) == 1.0 and session._push_wait(hop, 8) == 1.0
+    for _ in range(40):
+        hop.observe_answer(0.5)
+    assert session._push_wait(hop, 1) == pytest.approx(2.0, rel=1e-3)
+    assert session._push_wait(hop, 32) == pytest.approx(8.0, rel=1e-3)  # 32 tokens: 4x longer

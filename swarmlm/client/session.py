@@ -154,7 +154,8 @@ class InferenceSession:
                 if not sent:
                     self._send(hop, start, end, self._push_chain(i + 1, start))
                 else:  # the previous hop's peer pushed this step to the hop's peer; if the answer is late, it was lost
-                    resend = loop.call_later(self._push_wait(hop), self._resend_pushed, hop, i, start, end)
+                    wait = self._push_wait(hop, end - start)
+                    resend = loop.call_later(wait, self._resend_pushed, hop, i, start, end, wait)
                 waiting_since = loop.time()
                 output, sent = await hop.stream.receive(self._step_id, self.remote.config.request_timeout)
                 _check_output(hop, output, (self._batch, end - hop.length, hidden.shape[2]))
@@ -193,19 +194,21 @@ class InferenceSession:
             chain.append(hop.stream.push_target)
         return chain
 
-    def _push_wait(self, hop: _Hop) -> float:
-        """Seconds after which the answer to a step pushed into `hop` is overdue (the push counts as lost)."""
+    def _push_wait(self, hop: _Hop, tokens: int) -> float:
+        """Seconds after which the answer to a step of `tokens` new tokens pushed into `hop` is overdue (the push
+        counts as lost): PUSH_WAIT_FACTOR times the hop's usual answer time (the prefill's at first, so a slow
+        peer is not mistaken), scaled up for steps of more than 8 tokens, and at least ClientConfig.push_timeout."""
         usual = hop.answer_seconds if hop.answer_seconds is not None else 0.0
-        return max(self.remote.config.push_timeout, PUSH_WAIT_FACTOR * usual)
+        return max(self.remote.config.push_timeout, PUSH_WAIT_FACTOR * usual * max(1.0, tokens / 8))
 
-    def _resend_pushed(self, hop: _Hop, i: int, start: int, end: int) -> None:
+    def _resend_pushed(self, hop: _Hop, i: int, start: int, end: int, waited: float) -> None:
         """The answer to a step pushed into hop i is overdue: the push was lost (its stream between the peers
         broke, or the peer dropped it). Sends the step ourselves and no longer pushes into this hop. If the
         push arrives after all, the peer answers twice with the same step id; the first answer is used, and
         a push that comes after the step was served is dropped there."""
         hop.takes_pushes = False
         self.lost_pushes += 1
-        logger.info(f"A step pushed to {hop.route.peer_id} had no answer within {self._push_wait(hop):.1f} s; "
+        logger.info(f"A step pushed to {hop.route.peer_id} had no answer within {waited:.1f} s; "
                     f"sending it directly (no more pushes into that hop)")
         try:
             self._send(hop, start, end, self._push_chain(i + 1, start))
