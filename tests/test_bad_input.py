@@ -116,6 +116,10 @@ def test_invalid_tensors_get_clear_errors(client, span, tensors, message):
         runtime_pb2.ExpertRequest(metadata=pack(PROMPTED), tensors=[
             serialize(torch.randn(1, 4, HIDDEN)), serialize(POS), serialize(torch.full((3, 2, HIDDEN), float("nan")))]),
         runtime_pb2.ExpertRequest(metadata=pack(PROMPTED), tensors=[serialize(torch.randn(1, 4, HIDDEN))]),
+        # deep prompts for more blocks x tokens than max_request_tokens: refused before the tensor is read
+        runtime_pb2.ExpertRequest(metadata=pack(SpanRequest(model=DEFAULT_MODEL, start=0, end=3, prompt_tokens=6000)),
+                                  tensors=[serialize(torch.randn(1, 4, HIDDEN)), serialize(POS),
+                                           serialize(torch.randn(1, 1, HIDDEN))]),
     ],
 )
 def test_garbage_requests_get_clear_errors(client, request_):
@@ -204,9 +208,9 @@ def test_a_step_below_the_cached_length_rewinds_the_session(client):
 
 
 def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
-    """rpc_push: garbage metadata, steps for sessions that are not open here and a second push of a step
-    already served are dropped; an open session and the peer keep serving, and valid pushes into the session
-    are answered on its client's stream."""
+    """rpc_push: garbage metadata, steps for sessions that are not open here, a second push of a step already
+    served and a push that fails validation are dropped; an open session and the peer keep serving, and valid
+    pushes into the session are answered on its client's stream."""
     remote, peer = client
     span = SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1)
 
@@ -235,6 +239,9 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
                 yield message
             await served.wait()
             yield push(77, 4)  # stale: step 77 was served; dropped, not answered
+            bad = push(78, 5)
+            bad.tensors[0].CopyFrom(serialize(torch.randn(1, 1, HIDDEN + 1)))
+            yield bad  # invalid: dropped, not answered, and the session goes on
             yield push(78, 5)
             await done.wait()
 

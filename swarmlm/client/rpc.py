@@ -115,7 +115,7 @@ async def call_info(p2p, peer_id: str, timeout: float) -> PeerInfo:
 class InferenceStream:
     """One open inference session with one peer (one hop of a route), on a raw p2p stream: each message
     is written as it is sent (hivemind's protobuf stream framing, one write, no writer task) and answers
-    are read as they come; the peer's side is a plain hivemind protobuf stream handler."""
+    are read as they come; the peer reads the same framing (SpanHandler._serve_inference)."""
 
     def __init__(self, peer_id: str, span: SpanRequest):
         self.peer_id = peer_id
@@ -166,8 +166,8 @@ class InferenceStream:
         """-> (the output of step `step_id`, whether the peer pushed it on); answers of other steps (left
         over from a step that was sent twice after a failure) are skipped."""
         try:
-            await self._writer.drain()  # returns at once unless much is still unsent
             async with asyncio.timeout(timeout):  # no task per read, unlike wait_for (this is on every token's path)
+                await self._writer.drain()  # returns at once unless much is still unsent
                 if not self._opened:
                     await self._next()  # the answer to open()
                     self._opened = True

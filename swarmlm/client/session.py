@@ -157,18 +157,21 @@ class InferenceSession:
                     wait = self._push_wait(hop, end - start)
                     resend = loop.call_later(wait, self._resend_pushed, hop, i, start, end, wait)
                 waiting_since = loop.time()
-                output, sent = await hop.stream.receive(self._step_id, self.remote.config.request_timeout)
+                try:
+                    output, sent = await hop.stream.receive(self._step_id, self.remote.config.request_timeout)
+                finally:
+                    if resend is not None:
+                        resend.cancel()
                 _check_output(hop, output, (self._batch, end - hop.length, hidden.shape[2]))
                 hop.observe_answer(loop.time() - waiting_since)
                 self.pushed_steps += sent
             except RemotePeerError as e:
                 await attempts.failed(e, e.peer)
                 await self._replace(i, attempts)
+                # the step goes on under a new id: answers to what the failed hop's peer pushed on are skipped
+                self._step_id += 1
                 sent = False
                 continue
-            finally:
-                if resend is not None:
-                    resend.cancel()
             self.remote.bans.clear(hop.route.peer_id)  # O(1) unless the peer has failures on record
             if hop.route.end < self.remote.num_blocks:
                 history.write(hop.route.end, hop.length, output)

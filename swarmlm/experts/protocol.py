@@ -28,7 +28,11 @@ STATE_CHUNK_BYTES = 2 * 1024**2  # rpc_state messages stay below the p2p daemon'
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    """Unknown fields are ignored, so that a newer side can add optional fields that an older one goes without
+    (an older peer that knows no push_to, say, does not push and answers pushed=False); every known field is
+    validated strictly."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
 class SpanRequest(_Wire):

@@ -55,6 +55,7 @@ INLINE_MAX_TOKENS = 8  # inference steps of at most this many tokens (batch x se
 INLINE_STEP_SECONDS = 0.02  # ...if such steps took at most this long (see _runs_inline)
 MAX_PUSH_STREAMS = 256  # open rpc_push streams to other peers at most (one per peer pushed to)
 MAX_WAITING_PUSHES = 8  # pushed steps a session holds before it drops more
+MAX_WAITING_STEPS = 8  # steps from its caller a session holds unread before it stops reading the caller's stream
 PUSH_RETRY_SECONDS = 30.0  # a push stream that failed is re-opened no sooner than this after it was opened
 PUSH_IDLE_SECONDS = 300.0  # a push stream unused this long is closed (checked while pushing, every 30 s)
 
@@ -89,6 +90,7 @@ class SpanHandler(SpanService):
         self._sessions: dict[str, _Inbox] = {}  # session_id -> inbox of an open session that accepts pushes
         self._push_streams: dict[str, _PushStream] = {}  # peer id -> our stream of pushed steps to it
         self._push_streams_checked = time.monotonic()  # when idle push streams were last closed
+        self._push_streams_in = 0  # rpc_push streams other peers have open to us
 
     def stop_accepting(self) -> None:
         """Refuses new sessions and stateless calls from now on; running ones go on (see `busy`)."""
@@ -141,7 +143,10 @@ class SpanHandler(SpanService):
             return tensors, None
         if len(tensors) < 1:
             raise RequestError("the request announces deep prompts but carries no tensors")
-        hidden_size = self.limits.hidden_size
+        hidden_size, max_tokens = self.limits.hidden_size, self.limits.max_request_tokens
+        if num_blocks * prompt_tokens > max_tokens:
+            raise RequestError(f"deep prompts for {num_blocks} blocks x {prompt_tokens} tokens exceed this peer's "
+                               f"limit of {max_tokens} (blocks x prompt tokens)")
         prompts = self._tensor(tensors[-1], "prompts", num_blocks * prompt_tokens * hidden_size)
         if prompts.shape != (num_blocks, prompt_tokens, hidden_size):
             raise RequestError(f"prompts must be [{num_blocks}, {prompt_tokens}, {hidden_size}], got {list(prompts.shape)}")
@@ -329,11 +334,12 @@ class SpanHandler(SpanService):
 
     # ---- inference sessions (server-side KV cache) -------------------------------------------------
 
-    def max_message_bytes(self) -> int:
-        """The largest inference message read: hidden states and deep prompts for every block of the span,
-        max_request_tokens each in float32, plus 1 MiB for position ids, mask and metadata."""
-        limits = self.limits
-        return 4 * limits.max_request_tokens * limits.hidden_size * (self.span.num_blocks + 1) + 2**20
+    def max_message_bytes(self, prompts: bool = True) -> int:
+        """The largest inference message read: float32 hidden states of max_request_tokens tokens, as much
+        again for deep prompts (see _parse_prompts; pushed steps carry none: `prompts=False`), 16 bytes per
+        token for position ids and mask, and 1 MiB for metadata and framing."""
+        tokens, hidden_size = self.limits.max_request_tokens, self.limits.hidden_size
+        return 4 * tokens * hidden_size * (2 if prompts else 1) + 16 * tokens + 2**20
 
     async def _serve_inference(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """rpc_inference: a session. First message = SpanRequest (max_length, batch_size); then one message per step.
@@ -393,9 +399,17 @@ class SpanHandler(SpanService):
                 except asyncio.TimeoutError:
                     raise RequestError(f"session closed after {self.limits.session_timeout} s without a step") from None
                 step = unpack(message.metadata, InferenceStep)
-                if step.session_id is not None and step.step_id <= session.last_step_id:
+                if step.session_id is None:  # from the session's client: a bad step ends the session
+                    parsed = self._parse_step(session, step, message.tensors)
+                elif step.step_id <= session.last_step_id:
                     continue  # a push that came after its client sent the step itself (and it was served): dropped
-                yield await self._inference_step(session, step, message.tensors)
+                else:  # pushed by the previous peer of the route: a bad one is dropped (the client resends the step)
+                    try:
+                        parsed = self._parse_step(session, step, message.tensors)
+                    except RequestError as e:
+                        logger.info(f"Dropped a step pushed into a session of {context.remote_id}: {e}")
+                        continue
+                yield await self._inference_step(session, step, message.tensors, *parsed)
         except Exception as e:
             yield self._error(e, "inference", context)
             await _drain(requests)
@@ -408,9 +422,15 @@ class SpanHandler(SpanService):
 
     async def _serve_pushes(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """rpc_push: steps pushed by another peer go to the inbox of their session (validated there, like a
-        client's); a step for no open session is dropped. A stream that is not framed right is closed."""
+        client's); a step for no open session is dropped. A stream that is not framed right is closed, and so is
+        a stream beyond MAX_PUSH_STREAMS open to us."""
+        if self._push_streams_in >= MAX_PUSH_STREAMS:
+            logger.info(f"Refused a push stream of {info.peer_id}: {MAX_PUSH_STREAMS} are open")
+            writer.close()
+            return
+        self._push_streams_in += 1
         try:
-            while (message := await read_frame(reader, self.max_message_bytes())) is not None:
+            while (message := await read_frame(reader, self.max_message_bytes(prompts=False))) is not None:
                 try:
                     step = unpack(message.metadata, InferenceStep)
                     inbox = self._sessions.get(step.session_id) if step.session_id is not None else None
@@ -422,6 +442,7 @@ class SpanHandler(SpanService):
         except RequestError as e:
             logger.info(f"Closed the push stream of {info.peer_id}: {e}")
         finally:
+            self._push_streams_in -= 1
             writer.close()
 
     def _push(self, target: PushTarget, message: runtime_pb2.ExpertRequest) -> bool:
@@ -456,7 +477,8 @@ class SpanHandler(SpanService):
                 stream.close()
                 del self._push_streams[peer_id]
 
-    async def _inference_step(self, session: "_Session", step: InferenceStep, tensors) -> runtime_pb2.ExpertResponse:
+    def _parse_step(self, session: "_Session", step: InferenceStep, tensors):
+        """Validates a step against its session -> (hidden, position_ids, mask, prompts)."""
         if step.position > session.length:
             raise RequestError(f"step starts at position {step.position} but the session holds {session.length} tokens")
         if step.prompt_tokens and step.position != 0:
@@ -469,6 +491,11 @@ class SpanHandler(SpanService):
             raise RequestError(
                 f"step would grow the session to {step.position + hidden.shape[1]} tokens, beyond its max_length {session.max_length}"
             )
+        return hidden, position_ids, mask, prompts
+
+    async def _inference_step(self, session: "_Session", step: InferenceStep, tensors, hidden, position_ids, mask,
+                              prompts) -> runtime_pb2.ExpertResponse:
+        """Runs a step validated by _parse_step; pushes its output on (step.push_to) and returns the answer."""
         if self._runs_inline(hidden, session.last - session.first):
             output = self._step(session, step.position, hidden, position_ids, mask, prompts)
         else:
@@ -543,11 +570,16 @@ class _Inbox:
     def __init__(self, reader: asyncio.StreamReader, max_bytes: int):
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pushed = 0  # pushed steps in the queue
+        self._room = asyncio.Semaphore(MAX_WAITING_STEPS)  # for the caller's steps in the queue
         self._pump = asyncio.create_task(self._forward_caller(reader, max_bytes))
 
     async def _forward_caller(self, reader: asyncio.StreamReader, max_bytes: int) -> None:
         try:
-            while (message := await read_frame(reader, max_bytes)) is not None:
+            while True:
+                await self._room.acquire()  # a caller that sends faster than the session runs waits in its stream
+                message = await read_frame(reader, max_bytes)
+                if message is None:
+                    break
                 self._queue.put_nowait((False, message))
         except RequestError as e:
             self._queue.put_nowait((False, e))
@@ -570,7 +602,10 @@ class _Inbox:
             raise StopAsyncIteration
         if isinstance(message, RequestError):
             raise message
-        self._pushed -= pushed
+        if pushed:
+            self._pushed -= 1
+        else:
+            self._room.release()
         return message
 
     def close(self) -> None:
