@@ -1,4 +1,6 @@
 PYTHON ?= python3
+# unbuffered: logs show output in the order it happened (pytest's summary before any late traceback)
+export PYTHONUNBUFFERED=1
 
 .PHONY: install demo test bench
 
