@@ -9,6 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from swarm_processes import NodeProcess
 
 
+ROUNDS, BYTES = "swarmlm_averaging_rounds_total", "swarmlm_averaging_contributed_bytes_total"  # averaging counters
+
+
 def metrics_url(node: NodeProcess) -> str:
     """The url the node printed as `METRICS <url>` before READY."""
     urls = [line.split(" ", 1)[1] for line in node.stdout_lines if line.startswith("METRICS ")]

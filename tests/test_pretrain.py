@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from metrics_scrape import metrics_url, scrape_until, value
+from metrics_scrape import BYTES, ROUNDS, metrics_url, scrape_until, value
 from swarm_processes import NodeProcess
 from transformers import AutoModelForCausalLM
 
@@ -336,7 +336,6 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
     return {pid for pid in pids if _alive(pid)}
 
 
-ROUNDS, BYTES = "swarmlm_averaging_rounds_total", "swarmlm_averaging_contributed_bytes_total"
 # float32 bytes per model parameter that a trainer puts into one round: gradients; parameters + 2 Adam statistics
 BYTES_PER_PARAMETER = dict(gradients=4, state=3 * 4)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from metrics_scrape import metrics_url, scrape, scrape_until, value
+from metrics_scrape import BYTES, ROUNDS, metrics_url, scrape, scrape_until, value
 from swarm_processes import NodeProcess, start_dht, start_peer
 from transformers import AutoModelForCausalLM
 
@@ -215,7 +215,6 @@ class Spans:
         raise AssertionError(f"the replicas never settled right after averaging together:\n{_history(a, b)}")
 
 
-ROUNDS, BYTES = "swarmlm_averaging_rounds_total", "swarmlm_averaging_contributed_bytes_total"
 
 
 def _rounds(samples: dict) -> dict[tuple[str, str], float]:

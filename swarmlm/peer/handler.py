@@ -398,17 +398,17 @@ class SpanHandler(SpanService):
                     break
                 except asyncio.TimeoutError:
                     raise RequestError(f"session closed after {self.limits.session_timeout} s without a step") from None
-                step = unpack(message.metadata, InferenceStep)
-                if step.session_id is None:  # from the session's client: a bad step ends the session
-                    parsed = self._parse_step(session, step, message.tensors)
-                elif step.step_id <= session.last_step_id:
+                pushed = inbox.pushed_step is not None  # else from the session's client
+                step = inbox.pushed_step if pushed else unpack(message.metadata, InferenceStep)
+                if pushed and step.step_id <= session.last_step_id:
                     continue  # a push that came after its client sent the step itself (and it was served): dropped
-                else:  # pushed by the previous peer of the route: a bad one is dropped (the client resends the step)
-                    try:
-                        parsed = self._parse_step(session, step, message.tensors)
-                    except RequestError as e:
-                        logger.info(f"Dropped a step pushed into a session of {context.remote_id}: {e}")
-                        continue
+                try:
+                    parsed = self._parse_step(session, step, message.tensors)
+                except RequestError as e:
+                    if not pushed:
+                        raise  # a bad step from the client ends the session
+                    logger.info(f"Dropped a step pushed into a session of {context.remote_id}: {e}")
+                    continue  # the client sends the step itself
                 yield await self._inference_step(session, step, message.tensors, *parsed)
         except Exception as e:
             yield self._error(e, "inference", context)
@@ -436,7 +436,7 @@ class SpanHandler(SpanService):
                     inbox = self._sessions.get(step.session_id) if step.session_id is not None else None
                     if inbox is None:
                         raise RequestError(f"no open session {step.session_id!r} accepts pushed steps here")
-                    inbox.push(message)
+                    inbox.push(message, step)
                 except RequestError as e:
                     logger.info(f"Dropped a step pushed by {info.peer_id}: {e}")
         except RequestError as e:
@@ -452,7 +452,8 @@ class SpanHandler(SpanService):
         if now - self._push_streams_checked >= PUSH_IDLE_SECONDS / 10:
             self._close_idle_push_streams(now)
         stream = self._push_streams.get(target.peer_id)
-        if stream is not None and stream.closed and now - stream.started >= PUSH_RETRY_SECONDS:
+        if stream is not None and stream.expired(now):
+            stream.close()
             del self._push_streams[target.peer_id]
             stream = None
         if stream is None:
@@ -473,7 +474,7 @@ class SpanHandler(SpanService):
         may be retried), so that a long-lived peer keeps only the streams its current routes use."""
         self._push_streams_checked = now
         for peer_id, stream in list(self._push_streams.items()):
-            if now - stream.last_used >= PUSH_IDLE_SECONDS or (stream.closed and now - stream.started >= PUSH_RETRY_SECONDS):
+            if stream.expired(now):
                 stream.close()
                 del self._push_streams[peer_id]
 
@@ -565,9 +566,11 @@ class _Session:
 class _Inbox:
     """The messages of one inference session: its caller's raw stream merged with the steps other peers push
     into it. Iterating ends when the caller's stream ends; a caller's message that cannot be read (see
-    read_frame) raises RequestError, then iterating ends."""
+    read_frame) raises RequestError, then iterating ends. After each message, `pushed_step` is its parsed
+    InferenceStep if another peer pushed it (parsed once, by rpc_push), None if it came from the caller."""
 
     def __init__(self, reader: asyncio.StreamReader, max_bytes: int):
+        self.pushed_step: Optional[InferenceStep] = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pushed = 0  # pushed steps in the queue
         self._room = asyncio.Semaphore(MAX_WAITING_STEPS)  # for the caller's steps in the queue
@@ -580,32 +583,33 @@ class _Inbox:
                 message = await read_frame(reader, max_bytes)
                 if message is None:
                     break
-                self._queue.put_nowait((False, message))
+                self._queue.put_nowait((None, message))
         except RequestError as e:
-            self._queue.put_nowait((False, e))
+            self._queue.put_nowait((None, e))
         finally:
-            self._queue.put_nowait((False, None))
+            self._queue.put_nowait((None, None))
 
-    def push(self, message: runtime_pb2.ExpertRequest) -> None:
+    def push(self, message: runtime_pb2.ExpertRequest, step: InferenceStep) -> None:
         if self._pushed >= MAX_WAITING_PUSHES:
             raise RequestError(f"the session already holds {MAX_WAITING_PUSHES} pushed steps")
         self._pushed += 1
-        self._queue.put_nowait((True, message))
+        self._queue.put_nowait((step, message))
 
     def __aiter__(self) -> "_Inbox":
         return self
 
     async def __anext__(self) -> runtime_pb2.ExpertRequest:
-        pushed, message = await self._queue.get()
+        step, message = await self._queue.get()
         if message is None:
-            self._queue.put_nowait((False, None))  # stays ended
+            self._queue.put_nowait((None, None))  # stays ended
             raise StopAsyncIteration
         if isinstance(message, RequestError):
             raise message
-        if pushed:
+        if step is not None:
             self._pushed -= 1
         else:
             self._room.release()
+        self.pushed_step = step
         return message
 
     def close(self) -> None:
@@ -640,6 +644,11 @@ class _PushStream:
             self.closed = True
             if self._writer is not None:
                 self._writer.close()
+
+    def expired(self, now: float) -> bool:
+        """Whether to drop this stream: idle for PUSH_IDLE_SECONDS, or failed PUSH_RETRY_SECONDS after it was
+        opened (a new one may be opened then)."""
+        return now - self.last_used >= PUSH_IDLE_SECONDS or (self.closed and now - self.started >= PUSH_RETRY_SECONDS)
 
     def send(self, message: runtime_pb2.ExpertRequest) -> bool:
         """Writes `message` into the stream; False (nothing sent) while it is not open or after it closed."""
