@@ -91,7 +91,7 @@ def cmd_peer(args) -> int:
         max_cache_tokens=args.max_cache_tokens, max_batch_size=args.max_batch_size,
         request_timeout=args.request_timeout, session_timeout=args.session_timeout,
         update_period=args.update_period, throughput=args.throughput, balance_period=args.balance_period,
-        balance_margin=args.balance_margin,
+        balance_margin=args.balance_margin, direct=args.direct, direct_port=args.direct_port,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, training=_span_training_config(args),
     )
     peer = Peer(config, on_training_report=lambda report: print(report.line(), flush=True))
@@ -103,6 +103,8 @@ def cmd_peer(args) -> int:
         peer.start()
         if peer.metrics_url:
             print(f"METRICS {peer.metrics_url}", flush=True)
+        if peer.direct_address:
+            print(f"DIRECT {peer.direct_address}", flush=True)
         print(f"{READY_LINE} blocks {peer.span.start}:{peer.span.end} of {peer.model_name}", flush=True)
         while not stop.wait(1.0):
             pass
@@ -290,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     _network_args(p)
     p.add_argument("--dht-prefix", default=None, help="the model's name in the DHT (default: from --model)")
     p.add_argument("--public-name", default=None, help="a name shown in health reports")
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
+                   help="also serve inference sessions over plain, unencrypted TCP (faster: no p2p daemon on the "
+                        "path; for local swarms and trusted LANs; printed as DIRECT HOST:PORT before READY). "
+                        "Default: on when every --host-maddrs is loopback, off otherwise")
+    p.add_argument("--direct-port", type=int, default=0, help="TCP port of --direct (default: any free port)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
     p.add_argument("--torch-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")

@@ -68,13 +68,13 @@ def run_demo(num_peers: int = 2, max_new_tokens: int = 32, prompt: str = "", mod
                 outputs = client.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                           do_sample=False, session=session)
                 elapsed = time.perf_counter() - started
-                route = session.describe_route()
+                route = list(zip(session.describe_route(), session.transports))
         finally:
             client.close()
         new_tokens = outputs.shape[1] - inputs["input_ids"].shape[1]
         print("\nRoute:", flush=True)
-        for peer_id, start, end in route:
-            print(f"  {peer_id} -> blocks {start}:{end}")
+        for (peer_id, start, end), transport in route:
+            print(f"  {peer_id} -> blocks {start}:{end}  ({transport})")
         print(f"\nPrompt: {prompt}")
         print(f"Generated: {tokenizer.decode(outputs[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
         print(f"\n{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s "

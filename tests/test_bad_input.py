@@ -265,6 +265,7 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
     _valid(client)
 
 
+@pytest.mark.parametrize("transport", ["p2p", "direct"])
 @pytest.mark.parametrize(
     "frame, message",
     [
@@ -273,16 +274,22 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
         (b"\x00" + (3).to_bytes(8, "big") + b"\xff\xff\xff", "not a valid ExpertRequest"),
     ],
 )
-def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, message):
-    """rpc_inference reads raw frames: a bad marker, an oversized length or bytes that are no protobuf are
-    answered with a bad_request error; the peer keeps serving."""
+def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, message, transport):
+    """rpc_inference reads raw frames, on a p2p stream or a direct connection: a bad marker, an oversized length
+    or bytes that are no protobuf are answered with a bad_request error; the peer keeps serving."""
     from hivemind.p2p import P2P, PeerID
 
+    from swarmlm.experts.direct import connect
+
     remote, peer = client
+    direct_address = remote.manager.make_route()[0].direct_address
 
     async def call():
-        _, reader, writer = await remote.p2p.call_binary_stream_handler(
-            PeerID.from_base58(peer), SpanService._get_handle_name(None, "rpc_inference"))
+        if transport == "direct":
+            reader, writer = await connect(direct_address, peer, "inference")
+        else:
+            _, reader, writer = await remote.p2p.call_binary_stream_handler(
+                PeerID.from_base58(peer), SpanService._get_handle_name(None, "rpc_inference"))
         try:
             writer.write(frame)
             response, error = await asyncio.wait_for(P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader), 30)

@@ -40,6 +40,7 @@ def test_steps_go_from_peer_to_peer_and_match_the_client_relayed_ones(dist_model
         finally:
             dist_model.remote.config.peer_push = True
         assert remote.tolist() == local.tolist()
+        assert session.transports == ["direct", "direct"]  # loopback peers serve direct connections by default
         if push:  # the push stream to the next peer opens during the first pushed step, then every step goes on it
             assert len(session.route) == 2 and session.pushed_steps >= 24 - 3, session.pushed_steps
         else:
@@ -135,9 +136,10 @@ def test_a_lost_push_costs_the_push_timeout_then_the_client_sends_the_step(dist_
 
     opened = InferenceStream.__init__
 
-    def lost_pushes(self, peer_id, span):
-        opened(self, peer_id, span)
-        self.push_target = PushTarget(peer_id=peer_id, session_id="f" * 32)  # not this session's id
+    def lost_pushes(self, peer_id, span, direct_address=None):
+        opened(self, peer_id, span, direct_address)
+        self.push_target = PushTarget(peer_id=peer_id, session_id="f" * 32,  # not this session's id
+                                      direct_address=direct_address)
 
     monkeypatch.setattr(InferenceStream, "__init__", lost_pushes)
     ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]

@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import hivemind
 
@@ -27,6 +28,7 @@ class RouteHop:
     peer_id: str  # base58 peer id
     start: int  # first block this hop computes (inclusive)
     end: int  # last block (exclusive); may be a part of the peer's span
+    direct_address: Optional[str] = None  # the peer's announced direct-connection address, if any
 
 
 class SequenceManager:
@@ -106,7 +108,7 @@ class SequenceManager:
                 for b in range(a + 1, reach + 1):
                     hop_cost = cost[a] + self.route_cost(record, b - a, cache_tokens, noise.get(peer_id, 1.0))
                     if hop_cost < cost[b]:
-                        cost[b], previous[b] = hop_cost, RouteHop(peer_id, a, b)
+                        cost[b], previous[b] = hop_cost, RouteHop(peer_id, a, b, record.direct_address)
         if cost[end] == math.inf:
             return None
         route, block = [], end

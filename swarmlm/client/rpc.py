@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from typing import Awaitable, Optional, TypeVar
 
@@ -12,6 +13,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarmlm.errors import RemotePeerError
+from swarmlm.experts.direct import connect
 from swarmlm.experts.protocol import (
     END_OF_STREAM_FRAME,
     InferenceStep,
@@ -29,6 +31,7 @@ from swarmlm.experts.protocol import (
 )
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def _stub(p2p: P2P, peer_id: str):
@@ -113,26 +116,37 @@ async def call_info(p2p, peer_id: str, timeout: float) -> PeerInfo:
 
 
 class InferenceStream:
-    """One open inference session with one peer (one hop of a route), on a raw p2p stream: each message
-    is written as it is sent (hivemind's protobuf stream framing, one write, no writer task) and answers
-    are read as they come; the peer reads the same framing (SpanHandler._serve_inference)."""
+    """One open inference session with one peer (one hop of a route), on a direct TCP connection where the peer
+    announces one (swarmlm.experts.direct), else on a raw p2p stream: each message is written as it is sent
+    (hivemind's protobuf stream framing, one write, no writer task) and answers are read as they come; the peer
+    reads the same framing on both (SpanHandler._serve_inference)."""
 
-    def __init__(self, peer_id: str, span: SpanRequest):
-        self.peer_id = peer_id
+    def __init__(self, peer_id: str, span: SpanRequest, direct_address: Optional[str] = None):
+        self.peer_id, self.direct_address = peer_id, direct_address
         self.span = span.model_copy(update=dict(session_id=secrets.token_hex(16)))  # lets other peers push steps here
-        self.push_target = PushTarget(peer_id=peer_id, session_id=self.span.session_id)
+        self.push_target = PushTarget(peer_id=peer_id, session_id=self.span.session_id, direct_address=direct_address)
+        self.direct = False  # whether the session runs on a direct connection
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._opened = False
         self._last_step_id = 0  # of step()
 
-    async def open(self, p2p: P2P) -> None:
-        """Sends the session request; its answer is read with the first step (no extra round trip)."""
-        try:
-            _, self._reader, self._writer = await p2p.call_binary_stream_handler(
-                PeerID.from_base58(self.peer_id), SpanService._get_handle_name(None, "rpc_inference"))
-        except Exception as e:
-            raise RemotePeerError(self.peer_id, f"cannot open a session: {type(e).__name__}: {e}") from e
+    async def open(self, p2p: P2P, direct: bool = True) -> None:
+        """Sends the session request, over the peer's direct address if it has one and `direct` (falling back to
+        p2p if that fails); its answer is read with the first step (no extra round trip)."""
+        if direct and self.direct_address is not None:
+            try:
+                self._reader, self._writer = await connect(self.direct_address, self.peer_id, "inference")
+                self.direct = True
+            except Exception as e:
+                logger.info(f"No direct connection to {self.peer_id} at {self.direct_address} "
+                            f"({type(e).__name__}: {e}); using p2p")
+        if not self.direct:
+            try:
+                _, self._reader, self._writer = await p2p.call_binary_stream_handler(
+                    PeerID.from_base58(self.peer_id), SpanService._get_handle_name(None, "rpc_inference"))
+            except Exception as e:
+                raise RemotePeerError(self.peer_id, f"cannot open a session: {type(e).__name__}: {e}") from e
         self._write(stream_frame(runtime_pb2.ExpertRequest(metadata=pack(self.span))))
 
     def _write(self, frame: bytes) -> None:

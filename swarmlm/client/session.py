@@ -108,6 +108,11 @@ class InferenceSession:
     def describe_route(self) -> list[tuple[str, int, int]]:
         return [(h.route.peer_id, h.route.start, h.route.end) for h in self._hops]
 
+    @property
+    def transports(self) -> list[str]:
+        """How the client reaches each hop: "direct" (plain TCP, swarmlm.experts.direct) or "p2p"."""
+        return ["direct" if hop.stream.direct else "p2p" for hop in self._hops]
+
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask_chunk: Optional[torch.Tensor],
              prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs [batch, seq, hidden] new tokens through the route; returns the last block's output.
@@ -225,10 +230,12 @@ class InferenceSession:
         cache_tokens = self._batch * self.max_length
         route = await self.remote.make_route(start, end, mode="latency", cache_tokens=cache_tokens)
         hops = [_Hop(r, InferenceStream(r.peer_id, self.remote.span_request(
-            r, max_length=self.max_length, batch_size=self._batch))) for r in route]
+            r, max_length=self.max_length, batch_size=self._batch), r.direct_address)) for r in route]
         logger.info(f"Route for blocks {start}:{end}: " + " -> ".join(f"{r.peer_id[-6:]}[{r.start}:{r.end}]" for r in route))
         try:
-            results = await asyncio.gather(*(hop.stream.open(self.remote.p2p) for hop in hops), return_exceptions=True)
+            direct = self.remote.config.direct_connections
+            results = await asyncio.gather(*(hop.stream.open(self.remote.p2p, direct) for hop in hops),
+                                           return_exceptions=True)
         except BaseException:  # cancelled
             _close_all(hops)
             raise

@@ -11,8 +11,11 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from swarmlm.experts.direct import ADDRESS_PATTERN
+
 SPAN_SUBKEY_TAG = b"swarmlm.span:"  # prefix of every subkey holding a ServerRecord
 MAX_DHT_TIME_DISCREPANCY_SECONDS = 3.0
+MIN_WIRE_FIELDS, MAX_WIRE_FIELDS = 10, 32  # a ServerRecord's wire tuple: the fields up to torch_dtype are required
 
 
 class ServerState(enum.IntEnum):
@@ -36,6 +39,8 @@ class ServerRecord(BaseModel):
     torch_dtype: str = Field(max_length=16)  # dtype the blocks compute in
     public_name: Optional[str] = Field(default=None, max_length=64)  # optional human-readable name
     movable: bool = False  # the peer chose its blocks (--num-blocks) and may move to where the swarm is weak
+    direct_address: Optional[str] = Field(default=None, max_length=21, pattern=ADDRESS_PATTERN)  # "IPV4:PORT" of direct connections
+    # (swarmlm.experts.direct), if the peer serves them
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> "ServerRecord":
@@ -44,14 +49,20 @@ class ServerRecord(BaseModel):
         return self
 
     def to_wire(self) -> tuple:
-        return (self.peer_id, int(self.state), self.start, self.end, self.throughput, self.free_cache_tokens,
-                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name, self.movable)
+        """The fields in order; trailing optional fields that are unset are left out (shorter records for peers that
+        use no newer feature, readable by older versions)."""
+        wire = (self.peer_id, int(self.state), self.start, self.end, self.throughput, self.free_cache_tokens,
+                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name, self.movable,
+                self.direct_address)
+        return wire[:11] if self.direct_address is None else wire
 
     @classmethod
     def from_wire(cls, wire: Any) -> "ServerRecord":
-        """Parses a wire tuple; raises ValueError on anything malformed."""
-        if not isinstance(wire, (list, tuple)) or len(wire) not in (10, 11):
-            raise ValueError(f"a ServerRecord is a 10- or 11-tuple, got {type(wire).__name__}")
+        """Parses a wire tuple; raises ValueError on anything malformed. Elements beyond the known fields (a newer
+        version's) are ignored."""
+        if not isinstance(wire, (list, tuple)) or not MIN_WIRE_FIELDS <= len(wire) <= MAX_WIRE_FIELDS:
+            raise ValueError(f"a ServerRecord is a tuple of {MIN_WIRE_FIELDS} to {MAX_WIRE_FIELDS} fields, "
+                             f"got {type(wire).__name__}")
         names = list(cls.model_fields)
         values = dict(zip(names, wire))
         if isinstance(values["state"], int) and not isinstance(values["state"], bool):

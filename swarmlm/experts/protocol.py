@@ -21,6 +21,7 @@ from hivemind.proto.runtime_pb2 import CompressionType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from swarmlm.errors import CacheBudgetError, RemotePeerError, RequestError
+from swarmlm.experts.direct import ADDRESS_PATTERN
 
 PROTOCOL_VERSION = 1
 MAX_METADATA_BYTES = 64 * 1024
@@ -54,6 +55,8 @@ class PushTarget(_Wire):
 
     peer_id: str = Field(max_length=128)
     session_id: str = Field(min_length=16, max_length=64)
+    direct_address: Optional[str] = Field(default=None, max_length=21, pattern=ADDRESS_PATTERN)  # the peer's announced "host:port" for
+    # direct connections (swarmlm.experts.direct); a pushing peer that serves direct connections itself uses it
 
 
 class InferenceStep(_Wire):

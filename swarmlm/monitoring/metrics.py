@@ -25,6 +25,7 @@ from swarmlm.dht.records import ServerRecord, ServerState
 
 RPC_KINDS = ("forward", "backward", "inference")
 OUTCOMES = ("ok", "bad_request", "busy", "error")
+TRANSPORTS = ("direct", "p2p")  # how a peer sends pushed steps (see swarmlm.experts.direct)
 PEER_STATES = tuple(state.name.lower() for state in ServerState)
 AVERAGING_KINDS = ("gradients", "state")  # the kinds of swarmlm.training.optimizer.AveragingRounds
 AVERAGING_OUTCOMES = ("completed", "failed")
@@ -50,6 +51,9 @@ class PeerMetrics:
         self._received = Counter(
             "swarmlm_rpc_received_bytes", "Payload bytes of RPC messages received", ["kind"], registry=r)
         self._sent = Counter("swarmlm_rpc_sent_bytes", "Payload bytes of RPC messages sent", ["kind"], registry=r)
+        self._pushed = Counter(
+            "swarmlm_pushed_steps", "Inference steps sent straight on to the route's next peer, by transport (direct: "
+            "plain TCP, p2p: through the p2p daemons)", ["transport"], registry=r)
         self._sessions = Gauge("swarmlm_inference_sessions_active", "Open inference sessions", registry=r)
         self._cache_used = Gauge(
             "swarmlm_kv_cache_used_tokens", "KV-cache tokens reserved by open sessions (batch x max_length each)",
@@ -71,6 +75,8 @@ class PeerMetrics:
             self._sent.labels(kind)
             for outcome in OUTCOMES:
                 self._requests.labels(kind, outcome)
+        for transport in TRANSPORTS:
+            self._pushed.labels(transport)
 
     # ---- RPC traffic ---------------------------------------------------------------------------------
 
@@ -85,6 +91,11 @@ class PeerMetrics:
         _check(kind, RPC_KINDS, "kind")
         self._tokens.labels(kind).inc(tokens)
         self._latency.labels(kind).observe(seconds)
+
+    def step_pushed(self, transport: str) -> None:
+        """An inference step's output went on to the next peer over `transport` (direct or p2p)."""
+        _check(transport, TRANSPORTS, "transport")
+        self._pushed.labels(transport).inc()
 
     def bytes_received(self, kind: str, size: int) -> None:
         self._received.labels(kind).inc(size)

@@ -21,6 +21,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from swarmlm.errors import RequestError
+from swarmlm.experts.direct import DirectListener, connect
 from swarmlm.experts.protocol import (
     InferenceStep,
     PeerInfo,
@@ -87,6 +88,7 @@ class SpanHandler(SpanService):
         self.active_calls = 0  # forward/backward/state calls being answered
         self.small_step_block_seconds = float("inf")  # observed time per block of recent small inference steps
         self._p2p: Optional[P2P] = None
+        self.direct: Optional[DirectListener] = None  # serves sessions and pushes over plain TCP too (serve_direct)
         self._sessions: dict[str, _Inbox] = {}  # session_id -> inbox of an open session that accepts pushes
         self._push_streams: dict[str, _PushStream] = {}  # peer id -> our stream of pushed steps to it
         self._push_streams_checked = time.monotonic()  # when idle push streams were last closed
@@ -119,6 +121,21 @@ class SpanHandler(SpanService):
                                      balanced=balanced)
             for h in self._rpc_handlers
         ))
+
+    async def serve_direct(self, host: str, port: int, announce_host: str) -> str:
+        """Also serves rpc_inference and rpc_push on direct TCP connections (swarmlm.experts.direct) at host:port
+        (0: any free port), and pushes steps over them to peers that announce one; returns the address to
+        announce. Call after add_p2p_handlers."""
+        self.direct = DirectListener(self._p2p.peer_id.to_base58(),
+                                     {"inference": self._serve_inference, "push": self._serve_pushes})
+        return await self.direct.start(host, port, announce_host)
+
+    async def remove_handlers(self) -> None:
+        """Stops serving new p2p streams and direct connections (open ones go on)."""
+        if self.direct is not None:
+            await self.direct.stop()
+        if self._p2p is not None:
+            await self.remove_p2p_handlers(self._p2p)
 
     # ---- validation of remote input -------------------------------------------------------------
 
@@ -465,9 +482,13 @@ class SpanHandler(SpanService):
                 peer_id = PeerID.from_base58(target.peer_id)
             except Exception:
                 return False
-            self._push_streams[target.peer_id] = _PushStream(self._p2p, peer_id)
+            direct_address = target.direct_address if self.direct is not None else None  # only in a direct-enabled peer
+            self._push_streams[target.peer_id] = _PushStream(self._p2p, peer_id, direct_address)
             return False
-        return stream.send(message)
+        if not stream.send(message):
+            return False
+        self.metrics.step_pushed("direct" if stream.direct else "p2p")
+        return True
 
     def _close_idle_push_streams(self, now: float) -> None:
         """Closes and forgets the push streams that carried nothing for PUSH_IDLE_SECONDS (and failed ones that
@@ -617,7 +638,8 @@ class _Inbox:
 
 
 class _PushStream:
-    """Our long-lived rpc_push stream to one peer; `closed` once it ends or fails (a new one is opened then).
+    """Our long-lived rpc_push stream to one peer, a direct connection if one is given and opens (else a p2p
+    stream); `closed` once it ends or fails (a new one is opened then).
 
     Messages are written straight into the stream (hivemind's protobuf stream framing) as `send` is called,
     without waiting for a writer task, so a pushed step leaves before the answer to the client does. A push
@@ -626,16 +648,28 @@ class _PushStream:
 
     MAX_BUFFERED_BYTES = 64 * 1024**2  # a target that reads slower than this is given up on
 
-    def __init__(self, p2p: P2P, peer_id: PeerID):
+    def __init__(self, p2p: P2P, peer_id: PeerID, direct_address: Optional[str] = None):
         self._writer: Optional[asyncio.StreamWriter] = None
         self.closed = False
+        self.direct = False  # whether the stream is a direct connection
         self.started = self.last_used = time.monotonic()
-        self._task = asyncio.create_task(self._run(p2p, peer_id))
+        self._task = asyncio.create_task(self._run(p2p, peer_id, direct_address))
 
-    async def _run(self, p2p: P2P, peer_id: PeerID) -> None:
-        handle = SpanService._get_handle_name(None, "rpc_push")
+    async def _open(self, p2p: P2P, peer_id: PeerID, direct_address: Optional[str]):
+        if direct_address is not None:
+            try:
+                reader, writer = await connect(direct_address, peer_id.to_base58(), "push")
+                self.direct = True
+                return reader, writer
+            except Exception as e:
+                logger.info(f"No direct push connection to {peer_id} at {direct_address} "
+                            f"({type(e).__name__}: {e}); pushing over p2p")
+        _, reader, writer = await p2p.call_binary_stream_handler(peer_id, SpanService._get_handle_name(None, "rpc_push"))
+        return reader, writer
+
+    async def _run(self, p2p: P2P, peer_id: PeerID, direct_address: Optional[str]) -> None:
         try:
-            _, reader, writer = await p2p.call_binary_stream_handler(peer_id, handle)
+            reader, writer = await self._open(p2p, peer_id, direct_address)
             self._writer = writer
             await reader.read()  # the peer answers nothing: this returns when the stream closes
         except Exception as e:

@@ -30,6 +30,7 @@ from swarmlm.dht.registry import (
     fetch_block_records,
     make_validators,
 )
+from swarmlm.experts.direct import direct_hosts
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
 from swarmlm.models.checkpoint import load_tensors, resolve_model
@@ -73,6 +74,7 @@ class Peer:
         self.metrics = PeerMetrics()  # shown at /metrics; training counts its averaging rounds here too
         self.metrics_server: Optional[HttpService] = None  # started by start() when config.metrics_port is set
         self.model_record: Optional[ModelRecord] = None  # what this peer registers about its model
+        self.direct_address: Optional[str] = None  # "host:port" of direct connections, when served (config.direct)
 
     # ---- start ------------------------------------------------------------------------------------
 
@@ -183,8 +185,13 @@ class Peer:
         return f"{self.metrics_server.url}/metrics" if self.metrics_server is not None else None
 
     async def _serve(self) -> None:
+        c = self.config
         self._p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self._p2p)
+        if c.serves_direct:
+            bind, announce = direct_hosts(c.host_maddrs, c.announce_maddrs)
+            self.direct_address = await self.handler.serve_direct(bind, c.direct_port, announce)
+            logger.info(f"Serving direct connections at {self.direct_address} (plain TCP)")
 
     # ---- announcements ----------------------------------------------------------------------------
 
@@ -201,6 +208,7 @@ class Peer:
             torch_dtype=self.config.torch_dtype,
             public_name=self.config.public_name,
             movable=self.config.blocks is None,
+            direct_address=self.direct_address,
         )
 
     def _announce(self, state: ServerState, start=None, end=None, free=None, blocks=None) -> None:
@@ -353,7 +361,7 @@ class Peer:
         if self._loop is not None:
             if self._p2p is not None:
                 try:
-                    self._loop.run(self.handler.remove_p2p_handlers(self._p2p), timeout=5)
+                    self._loop.run(self.handler.remove_handlers(), timeout=5)
                 except Exception:
                     pass
             self._loop.stop()

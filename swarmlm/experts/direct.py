@@ -1,0 +1,152 @@
+"""Direct connections: inference sessions and pushed steps over plain TCP, beside the p2p daemons.
+
+A peer that serves them (PeerConfig.direct; on by default only for a peer that listens on loopback alone)
+announces "host:port" in its ServerRecord (`direct_address`). Clients (ClientConfig.direct_connections) and
+peers that push steps connect there instead of through the p2p daemons, and fall back to p2p when the
+connection fails. The messages are the same frames as on the p2p streams (`stream_frame` / `read_frame`),
+so the peer serves both with the same code; a message skips the two daemon hops (about 0.1 ms each on
+loopback, several wakeups of other processes on a small machine).
+
+Plain TCP: not encrypted, and the peer is identified only by its hello line. For local swarms and trusted
+LANs only; the p2p daemons stay the transport for everything else (DHT, forward/backward, other swarms).
+
+Handshake: the dialer writes `HELLO <method> <peer id>\\n`; the listener answers `HELLO ok <its peer id>\\n`
+and both go on with the method's frames, or it closes the connection. A dialer writes nothing more until that
+answer came, so an address that is no such peer (another service, a stale announcement) gets only the hello.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
+
+from multiaddr import Multiaddr
+
+logger = logging.getLogger(__name__)
+
+HELLO = b"swarmlm-direct/1"
+METHODS = ("inference", "push")
+MAX_HELLO_BYTES = 256  # a hello line longer than this is refused
+HELLO_TIMEOUT = 10.0  # seconds a new connection may take to say hello
+CONNECT_TIMEOUT = 5.0  # seconds to connect and be greeted before falling back to p2p
+READ_LIMIT = 2**20  # StreamReader buffer limit: bigger steps arrive with fewer pauses
+ADDRESS_PATTERN = r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$"  # what records and push targets may announce: IPV4:PORT
+
+Handler = Callable[["DirectCaller", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class DirectCaller:
+    """Who is on the other end of a direct connection (the role of hivemind's P2PContext there): no proven
+    identity, only the address, shown in logs."""
+
+    peer_id: str  # "tcp:HOST:PORT"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"host:port" (an IPv4 address) -> (host, port); ValueError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not a direct address (IPV4:PORT): {address!r}")
+    return str(ipaddress.IPv4Address(host)), int(port)
+
+
+def _first_ip4(maddrs: list[str]) -> Optional[str]:
+    for maddr in maddrs:
+        try:
+            return Multiaddr(maddr).value_for_protocol("ip4")
+        except Exception:
+            continue
+    return None
+
+
+def loopback_only(host_maddrs: list[str]) -> bool:
+    """Whether every listen address is an IPv4 loopback one (such a peer serves direct connections by default)."""
+    for maddr in host_maddrs:
+        try:
+            if not ipaddress.IPv4Address(Multiaddr(maddr).value_for_protocol("ip4")).is_loopback:
+                return False
+        except Exception:
+            return False
+    return bool(host_maddrs)
+
+
+def direct_hosts(host_maddrs: list[str], announce_maddrs: list[str]) -> tuple[str, str]:
+    """(host to listen on, host to announce) for direct connections: the first /ip4 of the listen addresses,
+    announced as the first /ip4 of the announce addresses if any. ValueError where there is none to announce."""
+    bind = _first_ip4(host_maddrs)
+    if bind is None:
+        raise ValueError("direct connections need an /ip4 listen address (--host-maddrs)")
+    announce = _first_ip4(announce_maddrs) or bind
+    if ipaddress.IPv4Address(announce).is_unspecified:
+        raise ValueError(f"direct connections listen on {bind}: give --announce-maddrs with the /ip4 address "
+                         f"other machines reach this peer at")
+    return bind, announce
+
+
+def _hello(method: str, peer_id: str) -> bytes:
+    return b" ".join((HELLO, method.encode(), peer_id.encode())) + b"\n"
+
+
+async def connect(address: str, peer_id: str, method: str, timeout: float = CONNECT_TIMEOUT
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Opens a direct connection to `peer_id` at `address` for `method`; raises (ConnectionError, TimeoutError,
+    ValueError) unless that peer greets back in time."""
+    host, port = parse_address(address)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, limit=READ_LIMIT)
+        try:
+            writer.write(_hello(method, peer_id))
+            answer = await reader.readline()
+            if answer != _hello("ok", peer_id):
+                raise ConnectionError(f"{address} is not peer {peer_id} (it answered {answer[:80]!r})")
+        except BaseException:
+            writer.close()
+            raise
+    return reader, writer
+
+
+class DirectListener:
+    """Accepts direct connections for the peer `peer_id` and hands each to `handlers[method]` (the same
+    coroutines that serve the p2p streams). A connection whose hello is wrong (garbage, another peer's id,
+    an unknown method, too long or too late) is closed; the listener keeps serving."""
+
+    def __init__(self, peer_id: str, handlers: dict[str, Handler]):
+        self.peer_id, self.handlers = peer_id, handlers
+        self.address: Optional[str] = None  # "host:port" announced, once started
+        self._server: Optional[asyncio.AbstractServer] = None
+
+    async def start(self, host: str, port: int, announce_host: str) -> str:
+        """Listens on host:port (0: any free port); returns the address to announce."""
+        self._server = await asyncio.start_server(self._accept, host, port, limit=READ_LIMIT)
+        bound_port = self._server.sockets[0].getsockname()[1]
+        self.address = f"{announce_host}:{bound_port}"
+        return self.address
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        caller = DirectCaller(peer_id=f"tcp:{host}:{port}")
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                line = await reader.readuntil(b"\n")
+            parts = line[:-1].split(b" ")
+            if len(line) > MAX_HELLO_BYTES or len(parts) != 3 or parts[0] != HELLO:
+                raise ValueError(f"not a hello: {line[:80]!r}")
+            method, peer_id = parts[1].decode(errors="replace"), parts[2].decode(errors="replace")
+            if method not in self.handlers:
+                raise ValueError(f"unknown method {method!r}")
+            if peer_id != self.peer_id:
+                raise ValueError(f"asked for peer {peer_id!r}, this is {self.peer_id}")
+        except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
+            logger.info(f"Closed a direct connection from {caller.peer_id}: {type(e).__name__}: {e}")
+            writer.close()
+            return
+        writer.write(_hello("ok", self.peer_id))
+        await self.handlers[method](caller, reader, writer)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()

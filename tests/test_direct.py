@@ -1,0 +1,169 @@
+"""Direct connections (plain TCP beside the p2p daemons): announced by loopback peers, used by clients and by
+pushing peers, refused on a bad hello, and replaced by p2p wherever they are off or fail.
+
+One swarm: peer 0:3 serves direct connections (the default on loopback), peer 3:8 runs with --no-direct, so a
+route uses both transports and the first peer pushes into the second over p2p."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import running_swarm
+from swarm_processes import start_peer
+
+from swarmlm import AutoDistributedModelForCausalLM
+from swarmlm.client.rpc import InferenceStream
+from swarmlm.experts.direct import HELLO, connect
+from swarmlm.experts.protocol import SpanRequest
+from swarmlm.models.embedded import DEFAULT_MODEL
+
+HIDDEN = 128
+PROMPT = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def mixed_swarm(tiny_model_path):
+    with running_swarm(DEFAULT_MODEL, ["0:3"]) as (dht, peers):
+        with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "3:8", "--no-direct") as plain:
+            yield dht, peers[0], plain
+
+
+@pytest.fixture(scope="module")
+def model(mixed_swarm):
+    dht, _, _ = mixed_swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=dht.maddrs)
+    yield model
+    model.close()
+
+
+def _peer_id(node) -> str:
+    return node.maddrs[0].rsplit("/", 1)[-1]
+
+
+def _direct_line(node) -> str | None:
+    return next((line.split()[1] for line in node.stdout_lines if line.startswith("DIRECT ")), None)
+
+
+def test_a_loopback_peer_announces_its_direct_address_and_a_no_direct_peer_none(mixed_swarm, model):
+    _, direct, plain = mixed_swarm
+    address = _direct_line(direct)
+    assert address is not None and address.startswith("127.0.0.1:"), direct.stdout_lines
+    assert _direct_line(plain) is None
+    hops = {hop.peer_id: hop.direct_address for hop in model.remote.manager.make_route()}
+    assert hops == {_peer_id(direct): address, _peer_id(plain): None}
+
+
+def test_a_route_over_both_transports_generates_the_local_tokens(model, local_model, tokenizer):
+    """The client reaches 0:3 directly and 3:8 over p2p; 0:3 pushes its steps into 3:8 over p2p (3:8 announces no
+    direct address). With the client's direct connections off, both hops use p2p. Tokens equal the local model's."""
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    local = local_model.generate(ids, **kwargs)
+    config = model.remote.config
+    for direct, transports in ((True, ["direct", "p2p"]), (False, ["p2p", "p2p"])):
+        config.direct_connections = direct
+        try:
+            with model.inference_session(max_length=ids.shape[1] + 20) as session:
+                remote = model.generate(ids, session=session, **kwargs)
+        finally:
+            config.direct_connections = True
+        assert remote.tolist() == local.tolist()
+        assert session.transports == transports
+        assert session.pushed_steps >= 20 - 3 and session.lost_pushes == 0, (session.pushed_steps, session.lost_pushes)
+
+
+def _session_step(model, peer: str, address: str | None, blocks=(0, 3)) -> tuple[bool, torch.Tensor]:
+    """Opens a session on `blocks` of `peer` (direct at `address` if given) and runs one token: (direct, output)."""
+    remote = model.remote
+    span = SpanRequest(model=DEFAULT_MODEL, start=blocks[0], end=blocks[1], max_length=4, batch_size=1)
+    stream = InferenceStream(peer, span, address)
+
+    async def run():
+        await stream.open(remote.p2p)
+        try:
+            return stream.direct, await stream.step(0, torch.randn(1, 1, HIDDEN), torch.zeros(1, 1, dtype=torch.long),
+                                                    None, 30)
+        finally:
+            stream.close()
+
+    return remote.loop.run(run())
+
+
+def test_a_direct_address_that_fails_is_replaced_by_p2p(mixed_swarm, model):
+    """A closed port, a service that is no swarmlm peer (the DHT node's libp2p port) and another peer's direct
+    address (it refuses a hello for someone else): the session opens over p2p and works."""
+    dht, direct, plain = mixed_swarm
+    libp2p_port = dht.maddrs[0].split("/tcp/")[1].split("/")[0]
+    for address in ("127.0.0.1:1", f"127.0.0.1:{libp2p_port}"):
+        used_direct, output = _session_step(model, _peer_id(direct), address)
+        assert not used_direct and output.shape == (1, 1, HIDDEN)
+    used_direct, output = _session_step(model, _peer_id(plain), _direct_line(direct), blocks=(3, 8))
+    assert not used_direct and output.shape == (1, 1, HIDDEN)
+    used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))  # its own peer's: direct
+    assert used_direct and output.shape == (1, 1, HIDDEN)
+
+
+@pytest.mark.parametrize("hello", [
+    b"GET / HTTP/1.1\r\n\r\n",
+    HELLO + b" inference 12D3KooWNotThisPeer\n",
+    HELLO + b" forward {peer}\n",
+    HELLO + b" inference {peer} extra\n",
+    HELLO + b" " + b"x" * 300 + b"\n",
+    b"\xff\xfe garbage without an end of line",
+])
+def test_a_bad_hello_is_refused_and_the_peer_keeps_serving(mixed_swarm, model, hello):
+    """The listener closes a connection whose hello is not one for this peer and a known method; it answers
+    nothing on it (no greeting), and the next direct session works."""
+    _, direct, _ = mixed_swarm
+    host, port = _direct_line(direct).split(":")
+    hello = hello.replace(b"{peer}", _peer_id(direct).encode())
+
+    async def say_hello() -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(hello)
+            if not hello.endswith(b"\n"):
+                writer.write_eof()  # the connection ends before a line does
+            return await asyncio.wait_for(reader.read(), 30)
+        finally:
+            writer.close()
+
+    assert model.remote.loop.run(say_hello()) == b""
+    used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))
+    assert used_direct and output.shape == (1, 1, HIDDEN)
+
+
+def test_garbage_on_a_direct_push_connection_closes_it_and_the_peer_keeps_serving(mixed_swarm, model):
+    _, direct, _ = mixed_swarm
+
+    async def push_garbage() -> bytes:
+        reader, writer = await connect(_direct_line(direct), _peer_id(direct), "push")
+        try:
+            writer.write(b"\x07" + b"\x00" * 16)  # an unknown frame marker
+            return await asyncio.wait_for(reader.read(), 30)
+        finally:
+            writer.close()
+
+    assert model.remote.loop.run(push_garbage()) == b""
+    used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))
+    assert used_direct and output.shape == (1, 1, HIDDEN)
+
+
+def test_direct_connections_are_on_by_default_only_for_loopback_peers():
+    from swarmlm.peer.config import PeerConfig
+
+    def config(*maddrs, **kwargs) -> PeerConfig:
+        return PeerConfig(model=DEFAULT_MODEL, blocks=(0, 1), new_swarm=True, host_maddrs=list(maddrs), **kwargs)
+
+    assert config("/ip4/127.0.0.1/tcp/0").serves_direct
+    assert not config("/ip4/127.0.0.1/tcp/0", direct=False).serves_direct
+    assert not config("/ip4/0.0.0.0/tcp/0").serves_direct
+    assert not config("/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0").serves_direct
+    with pytest.raises(ValueError, match="--announce-maddrs"):
+        config("/ip4/0.0.0.0/tcp/0", direct=True)
+    lan = config("/ip4/0.0.0.0/tcp/0", direct=True, announce_maddrs=["/ip4/192.168.1.5/tcp/31337"])
+    assert lan.serves_direct
+    with pytest.raises(ValueError, match="direct_port"):
+        config("/ip4/127.0.0.1/tcp/0", direct_port=70000)
