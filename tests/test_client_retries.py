@@ -215,11 +215,11 @@ class FakeStream:
     failing: set[str] = set()
     closed: list[str] = []
 
-    def __init__(self, peer_id, span):
-        self.peer_id, self.opened, self.push_target = peer_id, False, None
+    def __init__(self, peer_id, span, direct_address=None):
+        self.peer_id, self.opened, self.push_target, self.direct = peer_id, False, None, False
         self._sent: dict[int, torch.Tensor] = {}
 
-    async def open(self, p2p):
+    async def open(self, p2p, direct=True):
         await asyncio.sleep(0)
         if self.peer_id in self.failing:
             raise RemotePeerError(self.peer_id, "cannot open a session: connection refused")

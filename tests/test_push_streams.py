@@ -7,6 +7,7 @@ import time
 
 import swarmlm.peer.handler as handler_module
 from swarmlm.experts.protocol import PushTarget
+from swarmlm.monitoring.metrics import PeerMetrics
 from swarmlm.peer.handler import PUSH_IDLE_SECONDS, PUSH_RETRY_SECONDS, SpanHandler
 
 
@@ -16,6 +17,7 @@ class _Stream:
     def __init__(self, *_):
         self.started = self.last_used = time.monotonic()
         self.closed = False
+        self.direct = False
         self.sent = 0
 
     def send(self, message) -> bool:
@@ -31,6 +33,8 @@ def _handler(monkeypatch) -> SpanHandler:
     monkeypatch.setattr(handler_module, "_PushStream", _Stream)
     handler = SpanHandler.__new__(SpanHandler)  # only the push-stream state is used here
     handler._p2p = object()
+    handler.direct = None  # pushes go over p2p
+    handler.metrics = PeerMetrics()
     handler._push_streams = {}
     handler._push_streams_checked = time.monotonic()
     return handler
