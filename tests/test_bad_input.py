@@ -282,7 +282,7 @@ def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, 
     from swarmlm.experts.direct import connect
 
     remote, peer = client
-    direct_address = remote.manager.make_route()[0].direct_address
+    direct_address = remote.loop.run(remote.make_route(0, remote.num_blocks, mode="latency"))[0].direct_address
 
     async def call():
         if transport == "direct":

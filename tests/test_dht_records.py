@@ -26,14 +26,9 @@ def test_wire_round_trip():
     assert ServerRecord.from_wire(list(record.to_wire())) == record  # msgpack gives lists
 
 
-def test_a_direct_address_travels_and_fields_of_newer_versions_are_ignored():
-    record = _record().model_copy(update=dict(direct_address="127.0.0.1:4000"))
-    assert len(_record().to_wire()) == 11  # no direct address: the record older versions read
-    assert ServerRecord.from_wire(record.to_wire()) == record
-    assert ServerRecord.from_wire([*record.to_wire(), "a newer version's field"]) == record
-    for address in ("localhost:4000", "127.0.0.1", "127.0.0.1:4000; rm -rf /"):
-        with pytest.raises(ValueError):
-            ServerRecord.from_wire([*_record().to_wire(), address])
+def test_fields_of_newer_versions_are_ignored():
+    record = _record()
+    assert ServerRecord.from_wire([*record.to_wire(), "a newer version's field", 7]) == record
 
 
 @pytest.mark.parametrize(

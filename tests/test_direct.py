@@ -2,7 +2,8 @@
 pushing peers, refused on a bad hello, and replaced by p2p wherever they are off or fail.
 
 One swarm: peer 0:3 serves direct connections (the default on loopback), peer 3:8 runs with --no-direct, so a
-route uses both transports and the first peer pushes into the second over p2p."""
+route uses both transports and the first peer pushes into the second over p2p. Pushes between two peers that
+both serve direct connections are counted in tests/test_monitoring.py."""
 
 from __future__ import annotations
 
@@ -46,13 +47,16 @@ def _direct_line(node) -> str | None:
     return next((line.split()[1] for line in node.stdout_lines if line.startswith("DIRECT ")), None)
 
 
-def test_a_loopback_peer_announces_its_direct_address_and_a_no_direct_peer_none(mixed_swarm, model):
+def test_a_loopback_peer_serves_direct_connections_and_says_where_over_p2p(mixed_swarm, model):
+    """The client learns direct addresses from each peer's rpc_info answer (over p2p, which authenticates the
+    peer), never from DHT records, which anyone can write."""
     _, direct, plain = mixed_swarm
     address = _direct_line(direct)
     assert address is not None and address.startswith("127.0.0.1:"), direct.stdout_lines
     assert _direct_line(plain) is None
-    hops = {hop.peer_id: hop.direct_address for hop in model.remote.manager.make_route()}
-    assert hops == {_peer_id(direct): address, _peer_id(plain): None}
+    remote = model.remote
+    route = remote.loop.run(remote.make_route(0, remote.num_blocks, mode="latency"))  # probes the peers
+    assert {hop.peer_id: hop.direct_address for hop in route} == {_peer_id(direct): address, _peer_id(plain): None}
 
 
 def test_a_route_over_both_transports_generates_the_local_tokens(model, local_model, tokenizer):
@@ -167,3 +171,17 @@ def test_direct_connections_are_on_by_default_only_for_loopback_peers():
     assert lan.serves_direct
     with pytest.raises(ValueError, match="direct_port"):
         config("/ip4/127.0.0.1/tcp/0", direct_port=70000)
+
+
+def test_a_session_forgets_a_direct_address_that_failed_until_the_peer_is_probed_again(mixed_swarm, model, tokenizer):
+    _, direct, _ = mixed_swarm
+    remote, peer = model.remote, _peer_id(direct)
+    remote.loop.run(remote.probe([peer]))
+    assert remote.manager.direct_addresses[peer] == _direct_line(direct)
+    remote.manager.direct_addresses[peer] = "127.0.0.1:1"  # as if the peer had moved to another port
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with model.inference_session(max_length=ids.shape[1] + 4) as session:
+        model.generate(ids, session=session, max_new_tokens=4, do_sample=False)
+    assert session.transports == ["p2p", "p2p"] and peer not in remote.manager.direct_addresses
+    remote.loop.run(remote.probe([peer]))
+    assert remote.manager.direct_addresses[peer] == _direct_line(direct)

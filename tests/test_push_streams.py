@@ -14,7 +14,7 @@ from swarmlm.peer.handler import PUSH_IDLE_SECONDS, PUSH_RETRY_SECONDS, SpanHand
 class _Stream:
     expired = handler_module._PushStream.expired  # the real rule
 
-    def __init__(self, *_):
+    def __init__(self, *_, **__):
         self.started = self.last_used = time.monotonic()
         self.closed = False
         self.direct = False

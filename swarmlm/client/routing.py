@@ -28,7 +28,7 @@ class RouteHop:
     peer_id: str  # base58 peer id
     start: int  # first block this hop computes (inclusive)
     end: int  # last block (exclusive); may be a part of the peer's span
-    direct_address: Optional[str] = None  # the peer's announced direct-connection address, if any
+    direct_address: Optional[str] = None  # where the peer serves direct connections, if it does (from its rpc_info)
 
 
 class SequenceManager:
@@ -38,6 +38,8 @@ class SequenceManager:
         self.dht, self.model, self.num_blocks = dht, model, num_blocks
         self.refresh_period, self.hint = refresh_period, hint
         self.latencies = PeerLatencies()
+        self.direct_addresses: dict[str, str] = {}  # peer id -> its direct-connection address, from its own rpc_info
+        # answer (p2p authenticates the peer; records are not trusted with addresses: anyone can write one)
         self.default_rtt = DEFAULT_RTT
         self._records: list[list[ServerRecord]] = [[] for _ in range(num_blocks)]
         self._updated_at = -float("inf")
@@ -108,7 +110,7 @@ class SequenceManager:
                 for b in range(a + 1, reach + 1):
                     hop_cost = cost[a] + self.route_cost(record, b - a, cache_tokens, noise.get(peer_id, 1.0))
                     if hop_cost < cost[b]:
-                        cost[b], previous[b] = hop_cost, RouteHop(peer_id, a, b, record.direct_address)
+                        cost[b], previous[b] = hop_cost, RouteHop(peer_id, a, b, self.direct_addresses.get(peer_id))
         if cost[end] == math.inf:
             return None
         route, block = [], end

@@ -116,15 +116,16 @@ async def call_info(p2p, peer_id: str, timeout: float) -> PeerInfo:
 
 
 class InferenceStream:
-    """One open inference session with one peer (one hop of a route), on a direct TCP connection where the peer
-    announces one (swarmlm.experts.direct), else on a raw p2p stream: each message is written as it is sent
+    """One open inference session with one peer (one hop of a route), on a direct TCP connection at `direct_address`
+    if given (where the peer said it serves them, see RemoteSequential.probe; swarmlm.experts.direct), else on a
+    raw p2p stream: each message is written as it is sent
     (hivemind's protobuf stream framing, one write, no writer task) and answers are read as they come; the peer
     reads the same framing on both (SpanHandler._serve_inference)."""
 
     def __init__(self, peer_id: str, span: SpanRequest, direct_address: Optional[str] = None):
         self.peer_id, self.direct_address = peer_id, direct_address
         self.span = span.model_copy(update=dict(session_id=secrets.token_hex(16)))  # lets other peers push steps here
-        self.push_target = PushTarget(peer_id=peer_id, session_id=self.span.session_id, direct_address=direct_address)
+        self.push_target = PushTarget(peer_id=peer_id, session_id=self.span.session_id)
         self.direct = False  # whether the session runs on a direct connection
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None

@@ -239,6 +239,9 @@ class InferenceSession:
         except BaseException:  # cancelled
             _close_all(hops)
             raise
+        for hop in hops:  # a direct address that failed is not tried again (until the peer is probed anew)
+            if direct and hop.route.direct_address is not None and not hop.stream.direct:
+                self.remote.manager.direct_addresses.pop(hop.route.peer_id, None)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             _close_all(hops)

@@ -54,7 +54,8 @@ class RemoteSequential:
         return Attempts(self, what)
 
     async def probe(self, peer_ids: Iterable[str]) -> None:
-        """Measures the round trip to each peer (concurrently); bans those that do not answer."""
+        """Measures the round trip to each peer (concurrently) and learns where it serves direct connections; bans
+        those that do not answer."""
         async def probe_one(peer_id: str) -> None:
             started = time.perf_counter()
             try:
@@ -63,6 +64,10 @@ class RemoteSequential:
                 logger.info(f"Leaving {peer_id} out of routes for {self.bans.ban(peer_id):.0f} s: {e}")
                 return
             self.manager.latencies.update(peer_id, time.perf_counter() - started)
+            if info.direct_address is not None:
+                self.manager.direct_addresses[peer_id] = info.direct_address
+            else:
+                self.manager.direct_addresses.pop(peer_id, None)
             if not info.accepting_sessions:
                 self.bans.ban(peer_id)
 

@@ -11,8 +11,6 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from swarmlm.experts.direct import ADDRESS_PATTERN
-
 SPAN_SUBKEY_TAG = b"swarmlm.span:"  # prefix of every subkey holding a ServerRecord
 MAX_DHT_TIME_DISCREPANCY_SECONDS = 3.0
 MIN_WIRE_FIELDS, MAX_WIRE_FIELDS = 10, 32  # a ServerRecord's wire tuple: the fields up to torch_dtype are required
@@ -39,8 +37,6 @@ class ServerRecord(BaseModel):
     torch_dtype: str = Field(max_length=16)  # dtype the blocks compute in
     public_name: Optional[str] = Field(default=None, max_length=64)  # optional human-readable name
     movable: bool = False  # the peer chose its blocks (--num-blocks) and may move to where the swarm is weak
-    direct_address: Optional[str] = Field(default=None, max_length=21, pattern=ADDRESS_PATTERN)  # "IPV4:PORT" of direct connections
-    # (swarmlm.experts.direct), if the peer serves them
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> "ServerRecord":
@@ -49,12 +45,8 @@ class ServerRecord(BaseModel):
         return self
 
     def to_wire(self) -> tuple:
-        """The fields in order; trailing optional fields that are unset are left out (shorter records for peers that
-        use no newer feature, readable by older versions)."""
-        wire = (self.peer_id, int(self.state), self.start, self.end, self.throughput, self.free_cache_tokens,
-                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name, self.movable,
-                self.direct_address)
-        return wire[:11] if self.direct_address is None else wire
+        return (self.peer_id, int(self.state), self.start, self.end, self.throughput, self.free_cache_tokens,
+                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name, self.movable)
 
     @classmethod
     def from_wire(cls, wire: Any) -> "ServerRecord":

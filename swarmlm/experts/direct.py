@@ -32,7 +32,7 @@ METHODS = ("inference", "push")
 MAX_HELLO_BYTES = 256  # a hello line longer than this is refused
 HELLO_TIMEOUT = 10.0  # seconds a new connection may take to say hello
 CONNECT_TIMEOUT = 5.0  # seconds to connect and be greeted before falling back to p2p
-READ_LIMIT = 2**20  # StreamReader buffer limit: bigger steps arrive with fewer pauses
+MAX_CONNECTIONS = 1024  # open direct connections a peer accepts at most (more are closed at once)
 ADDRESS_PATTERN = r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$"  # what records and push targets may announce: IPV4:PORT
 
 Handler = Callable[["DirectCaller", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -97,7 +97,7 @@ async def connect(address: str, peer_id: str, method: str, timeout: float = CONN
     ValueError) unless that peer greets back in time."""
     host, port = parse_address(address)
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port, limit=READ_LIMIT)
+        reader, writer = await asyncio.open_connection(host, port)
         try:
             writer.write(_hello(method, peer_id))
             answer = await reader.readline()
@@ -112,16 +112,18 @@ async def connect(address: str, peer_id: str, method: str, timeout: float = CONN
 class DirectListener:
     """Accepts direct connections for the peer `peer_id` and hands each to `handlers[method]` (the same
     coroutines that serve the p2p streams). A connection whose hello is wrong (garbage, another peer's id,
-    an unknown method, too long or too late) is closed; the listener keeps serving."""
+    an unknown method, too long or too late) is closed, and so is any beyond MAX_CONNECTIONS; the listener
+    keeps serving. `stop` closes the listener and every connection still open."""
 
     def __init__(self, peer_id: str, handlers: dict[str, Handler]):
         self.peer_id, self.handlers = peer_id, handlers
-        self.address: Optional[str] = None  # "host:port" announced, once started
+        self.address: Optional[str] = None  # "host:port" to announce, once started
         self._server: Optional[asyncio.AbstractServer] = None
+        self._open: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int, announce_host: str) -> str:
         """Listens on host:port (0: any free port); returns the address to announce."""
-        self._server = await asyncio.start_server(self._accept, host, port, limit=READ_LIMIT)
+        self._server = await asyncio.start_server(self._accept, host, port)
         bound_port = self._server.sockets[0].getsockname()[1]
         self.address = f"{announce_host}:{bound_port}"
         return self.address
@@ -129,24 +131,54 @@ class DirectListener:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host, port = writer.get_extra_info("peername")[:2]
         caller = DirectCaller(peer_id=f"tcp:{host}:{port}")
-        try:
-            async with asyncio.timeout(HELLO_TIMEOUT):
-                line = await reader.readuntil(b"\n")
-            parts = line[:-1].split(b" ")
-            if len(line) > MAX_HELLO_BYTES or len(parts) != 3 or parts[0] != HELLO:
-                raise ValueError(f"not a hello: {line[:80]!r}")
-            method, peer_id = parts[1].decode(errors="replace"), parts[2].decode(errors="replace")
-            if method not in self.handlers:
-                raise ValueError(f"unknown method {method!r}")
-            if peer_id != self.peer_id:
-                raise ValueError(f"asked for peer {peer_id!r}, this is {self.peer_id}")
-        except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
-            logger.info(f"Closed a direct connection from {caller.peer_id}: {type(e).__name__}: {e}")
+        if len(self._open) >= MAX_CONNECTIONS:
+            logger.info(f"Closed a direct connection from {caller.peer_id}: {MAX_CONNECTIONS} are open")
             writer.close()
             return
-        writer.write(_hello("ok", self.peer_id))
-        await self.handlers[method](caller, reader, writer)
+        self._open.add(writer)
+        try:
+            try:
+                async with asyncio.timeout(HELLO_TIMEOUT):
+                    method = self._check_hello(await _read_hello(reader))
+            except (ValueError, TimeoutError, ConnectionError) as e:
+                logger.info(f"Closed a direct connection from {caller.peer_id}: {type(e).__name__}: {e}")
+                writer.close()
+                return
+            writer.write(_hello("ok", self.peer_id))
+            await self.handlers[method](caller, reader, writer)
+        finally:
+            self._open.discard(writer)
+
+    def _check_hello(self, line: bytes) -> str:
+        """The method a hello line asks for; ValueError unless it is a hello for this peer and a known method."""
+        parts = line[:-1].split(b" ")
+        if len(parts) != 3 or parts[0] != HELLO:
+            raise ValueError(f"not a hello: {line[:80]!r}")
+        method, peer_id = parts[1].decode(errors="replace"), parts[2].decode(errors="replace")
+        if method not in self.handlers:
+            raise ValueError(f"unknown method {method!r}")
+        if peer_id != self.peer_id:
+            raise ValueError(f"asked for peer {peer_id!r}, this is {self.peer_id}")
+        return method
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        for writer in list(self._open):
+            writer.close()
+
+
+async def _read_hello(reader: asyncio.StreamReader) -> bytes:
+    """The hello line, newline included, read MAX_HELLO_BYTES at most; ValueError if it is longer or anything
+    follows it (a dialer waits for the answer before it writes more), ConnectionError if the connection ends."""
+    line = b""
+    while b"\n" not in line:
+        if len(line) >= MAX_HELLO_BYTES:
+            raise ValueError(f"a hello line longer than {MAX_HELLO_BYTES} bytes")
+        chunk = await reader.read(MAX_HELLO_BYTES - len(line))
+        if not chunk:
+            raise ConnectionError("the connection ended before its hello")
+        line += chunk
+    if not line.endswith(b"\n"):
+        raise ValueError("bytes after the hello line, before the answer")
+    return line

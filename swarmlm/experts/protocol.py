@@ -55,8 +55,6 @@ class PushTarget(_Wire):
 
     peer_id: str = Field(max_length=128)
     session_id: str = Field(min_length=16, max_length=64)
-    direct_address: Optional[str] = Field(default=None, max_length=21, pattern=ADDRESS_PATTERN)  # the peer's announced "host:port" for
-    # direct connections (swarmlm.experts.direct); a pushing peer that serves direct connections itself uses it
 
 
 class InferenceStep(_Wire):
@@ -85,6 +83,9 @@ class PeerInfo(_Wire):
     accepting_sessions: bool  # False while the peer shuts down (it refuses new sessions and calls)
     active_calls: int = Field(default=0, ge=0)  # forward/backward/state calls being answered now
     training_epoch: Optional[int] = Field(default=None, ge=0)  # the span's epoch on a training peer; None: frozen
+    direct_address: Optional[str] = Field(default=None, max_length=21, pattern=ADDRESS_PATTERN)  # "IPV4:PORT" where
+    # the peer serves direct connections (swarmlm.experts.direct), if it does; learned only from this answer, which
+    # comes over the p2p channel that authenticates the peer (a DHT record or a client could name any address)
 
 
 class StateTensor(_Wire):

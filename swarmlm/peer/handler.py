@@ -131,9 +131,11 @@ class SpanHandler(SpanService):
         return await self.direct.start(host, port, announce_host)
 
     async def remove_handlers(self) -> None:
-        """Stops serving new p2p streams and direct connections (open ones go on)."""
+        """Stops serving: no new p2p streams; direct connections and our push streams closed."""
         if self.direct is not None:
             await self.direct.stop()
+        for stream in self._push_streams.values():
+            stream.close()
         if self._p2p is not None:
             await self.remove_p2p_handlers(self._p2p)
 
@@ -324,7 +326,8 @@ class SpanHandler(SpanService):
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         info = PeerInfo(start=self.span.start, end=self.span.end, free_cache_tokens=max(self.budget.free_tokens, 0),
                         accepting_sessions=self.accepting_sessions, active_calls=self.active_calls,
-                        training_epoch=self.trainer.epoch if self.trainer is not None else None)
+                        training_epoch=self.trainer.epoch if self.trainer is not None else None,
+                        direct_address=self.direct.address if self.direct is not None else None)
         return runtime_pb2.ExpertResponse(metadata=pack(info))
 
     async def rpc_state(
@@ -452,7 +455,8 @@ class SpanHandler(SpanService):
             return
         self._push_streams_in += 1
         try:
-            while (message := await read_frame(reader, self.max_message_bytes(prompts=False))) is not None:
+            while (message := await _frame_within(reader, self.max_message_bytes(prompts=False),
+                                                  PUSH_IDLE_SECONDS * 2)) is not None:
                 try:
                     step = unpack(message.metadata, InferenceStep)
                     inbox = self._sessions.get(step.session_id) if step.session_id is not None else None
@@ -487,8 +491,7 @@ class SpanHandler(SpanService):
                 peer_id = PeerID.from_base58(target.peer_id)
             except Exception:
                 return False
-            direct_address = target.direct_address if self.direct is not None else None  # only in a direct-enabled peer
-            self._push_streams[target.peer_id] = _PushStream(self._p2p, peer_id, direct_address)
+            self._push_streams[target.peer_id] = _PushStream(self._p2p, peer_id, direct=self.direct is not None)
             return False
         if not stream.send(message):
             return False
@@ -643,8 +646,11 @@ class _Inbox:
 
 
 class _PushStream:
-    """Our long-lived rpc_push stream to one peer, a direct connection if one is given and opens (else a p2p
-    stream); `closed` once it ends or fails (a new one is opened then).
+    """Our long-lived rpc_push stream to one peer; `closed` once it ends or fails (a new one is opened then).
+
+    With `direct` (this peer serves direct connections itself), the stream is a direct connection if the target
+    serves them too: its address comes from the target's own rpc_info answer over p2p, which authenticates the
+    target (an address named by a client or a DHT record could be anyone's). Otherwise it is a p2p stream.
 
     Messages are written straight into the stream (hivemind's protobuf stream framing) as `send` is called,
     without waiting for a writer task, so a pushed step leaves before the answer to the client does. A push
@@ -652,31 +658,38 @@ class _PushStream:
     which it sends the step itself (ClientConfig.push_timeout)."""
 
     MAX_BUFFERED_BYTES = 64 * 1024**2  # a target that reads slower than this is given up on
+    INFO_TIMEOUT = 5.0  # seconds to wait for the target's rpc_info (its direct address)
 
-    def __init__(self, p2p: P2P, peer_id: PeerID, direct_address: Optional[str] = None):
+    def __init__(self, p2p: P2P, peer_id: PeerID, direct: bool = False):
         self._writer: Optional[asyncio.StreamWriter] = None
         self.closed = False
         self.direct = False  # whether the stream is a direct connection
         self.started = self.last_used = time.monotonic()
-        self._task = asyncio.create_task(self._run(p2p, peer_id, direct_address))
+        self._task = asyncio.create_task(self._run(p2p, peer_id, direct))
 
-    async def _open(self, p2p: P2P, peer_id: PeerID, direct_address: Optional[str]):
-        if direct_address is not None:
+    async def _open(self, p2p: P2P, peer_id: PeerID, direct: bool):
+        if direct:
+            address = None
             try:
-                reader, writer = await connect(direct_address, peer_id.to_base58(), "push")
-                self.direct = True
-                return reader, writer
+                async with asyncio.timeout(self.INFO_TIMEOUT):
+                    response = await SpanService.get_stub(p2p, peer_id).rpc_info(runtime_pb2.ExpertRequest())
+                address = unpack(response.metadata, PeerInfo).direct_address
+                if address is not None:
+                    reader, writer = await connect(address, peer_id.to_base58(), "push")
+                    self.direct = True
+                    return reader, writer
             except Exception as e:
-                logger.info(f"No direct push connection to {peer_id} at {direct_address} "
-                            f"({type(e).__name__}: {e}); pushing over p2p")
+                logger.info(f"No direct push connection to {peer_id} (at {address}): {type(e).__name__}: {e}; "
+                            f"pushing over p2p")
         _, reader, writer = await p2p.call_binary_stream_handler(peer_id, SpanService._get_handle_name(None, "rpc_push"))
         return reader, writer
 
-    async def _run(self, p2p: P2P, peer_id: PeerID, direct_address: Optional[str]) -> None:
+    async def _run(self, p2p: P2P, peer_id: PeerID, direct: bool) -> None:
         try:
-            reader, writer = await self._open(p2p, peer_id, direct_address)
+            reader, writer = await self._open(p2p, peer_id, direct)
             self._writer = writer
-            await reader.read()  # the peer answers nothing: this returns when the stream closes
+            while await reader.read(2**16):  # the peer answers nothing; whatever comes is dropped, not kept
+                pass
         except Exception as e:
             logger.debug(f"Push stream to {peer_id} ended: {type(e).__name__}: {e}")
         finally:
@@ -703,6 +716,15 @@ class _PushStream:
     def close(self) -> None:
         self.closed = True
         self._task.cancel()
+
+
+async def _frame_within(reader: asyncio.StreamReader, max_bytes: int, seconds: float):
+    """read_frame, or None (the stream is given up on) if no frame starts arriving within `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await read_frame(reader, max_bytes)
+    except TimeoutError:
+        return None
 
 
 async def _drain(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout: float = 2.0) -> None:

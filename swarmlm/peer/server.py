@@ -208,7 +208,6 @@ class Peer:
             torch_dtype=self.config.torch_dtype,
             public_name=self.config.public_name,
             movable=self.config.blocks is None,
-            direct_address=self.direct_address,
         )
 
     def _announce(self, state: ServerState, start=None, end=None, free=None, blocks=None) -> None:
