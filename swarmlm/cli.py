@@ -293,10 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dht-prefix", default=None, help="the model's name in the DHT (default: from --model)")
     p.add_argument("--public-name", default=None, help="a name shown in health reports")
     p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
-                   help="also serve inference sessions over plain, unencrypted TCP (faster: no p2p daemon on the "
-                        "path; for local swarms and trusted LANs; printed as DIRECT HOST:PORT before READY). "
-                        "Default: on when every --host-maddrs is loopback, off otherwise")
-    p.add_argument("--direct-port", type=int, default=0, help="TCP port of --direct (default: any free port)")
+                   help="also serve inference sessions and pushed steps over plain, unencrypted TCP (faster: no "
+                        "p2p daemon on the path; for local swarms and trusted LANs; printed as DIRECT HOST:PORT "
+                        "before READY). Default: on when every --host-maddrs is IPv4 loopback, off otherwise")
+    p.add_argument("--direct-port", type=int, default=0,
+                   help="TCP port of direct connections when they are on (default: any free port)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
     p.add_argument("--torch-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")

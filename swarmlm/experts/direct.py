@@ -1,18 +1,20 @@
 """Direct connections: inference sessions and pushed steps over plain TCP, beside the p2p daemons.
 
-A peer that serves them (PeerConfig.direct; on by default only for a peer that listens on loopback alone)
-announces "host:port" in its ServerRecord (`direct_address`). Clients (ClientConfig.direct_connections) and
-peers that push steps connect there instead of through the p2p daemons, and fall back to p2p when the
-connection fails. The messages are the same frames as on the p2p streams (`stream_frame` / `read_frame`),
-so the peer serves both with the same code; a message skips the two daemon hops (about 0.1 ms each on
-loopback, several wakeups of other processes on a small machine).
+A peer that serves them (PeerConfig.direct; on by default only for a peer that listens on IPv4 loopback alone)
+says where in its rpc_info answer (PeerInfo.direct_address). That answer comes over p2p, which authenticates
+the peer, so an address is never taken from a DHT record or a client (anyone can write those). Clients
+(ClientConfig.direct_connections) and peers that push steps and serve direct connections themselves connect
+there instead of through the p2p daemons, and fall back to p2p when the connection fails. The messages are
+the same frames as on the p2p streams (`stream_frame` / `read_frame`), so the peer serves both with the same
+code; a message skips the two daemon hops (about 0.1 ms each on loopback, and wakeups of other processes
+on a small machine).
 
 Plain TCP: not encrypted, and the peer is identified only by its hello line. For local swarms and trusted
 LANs only; the p2p daemons stay the transport for everything else (DHT, forward/backward, other swarms).
 
 Handshake: the dialer writes `HELLO <method> <peer id>\\n`; the listener answers `HELLO ok <its peer id>\\n`
 and both go on with the method's frames, or it closes the connection. A dialer writes nothing more until that
-answer came, so an address that is no such peer (another service, a stale announcement) gets only the hello.
+answer came, so an address that is no such peer (another service, a stale address) gets only the hello.
 """
 
 from __future__ import annotations
