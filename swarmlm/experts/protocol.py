@@ -239,8 +239,10 @@ def _from_buffer(proto: runtime_pb2.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(proto.buffer, _NUMPY_DTYPES[proto.dtype]).copy()).reshape(tuple(proto.size))
 
 
-def deserialize_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str) -> torch.Tensor:
-    """Deserializes a remote tensor after checking its declared size, dtype and buffer length."""
+def array_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str) -> "np.ndarray | torch.Tensor":
+    """A remote tensor after checking its declared size, dtype and buffer length: a read-only numpy view of the
+    message's bytes for the dtypes numpy holds (checks on it cost a third of torch's on a cold cache; see
+    `as_tensor`), a torch tensor otherwise (bfloat16)."""
     numel = 1
     for dim in proto.size:
         numel *= dim
@@ -248,12 +250,25 @@ def deserialize_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str)
         raise RequestError(f"{what}: {numel} elements exceed the limit of {max_elements}")
     if proto.compression != CompressionType.NONE or proto.dtype not in _DTYPE_SIZES:
         raise RequestError(f"{what}: unsupported dtype/compression {proto.dtype!r}/{proto.compression}")
-    if len(proto.buffer) != numel * _DTYPE_SIZES[proto.dtype]:
-        raise RequestError(f"{what}: buffer of {len(proto.buffer)} bytes does not match shape {list(proto.size)}")
+    buffer = proto.buffer
+    if len(buffer) != numel * _DTYPE_SIZES[proto.dtype]:
+        raise RequestError(f"{what}: buffer of {len(buffer)} bytes does not match shape {list(proto.size)}")
     try:
-        return _from_buffer(proto) if proto.dtype in _NUMPY_DTYPES else deserialize_torch_tensor(proto)
+        if proto.dtype in _NUMPY_DTYPES:
+            return np.frombuffer(buffer, _NUMPY_DTYPES[proto.dtype]).reshape(tuple(proto.size))
+        return deserialize_torch_tensor(proto)
     except Exception as e:
         raise RequestError(f"{what}: cannot deserialize ({type(e).__name__}: {e})") from None
+
+
+def as_tensor(value: "np.ndarray | torch.Tensor") -> torch.Tensor:
+    """A torch tensor of `array_bounded`'s result (a writable copy of a numpy view)."""
+    return torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+
+
+def deserialize_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str) -> torch.Tensor:
+    """Deserializes a remote tensor after checking its declared size, dtype and buffer length."""
+    return as_tensor(array_bounded(proto, max_elements, what))
 
 
 class ErrorInfo(_Wire):
@@ -263,8 +278,10 @@ class ErrorInfo(_Wire):
     code: str = Field(max_length=32)  # "bad_request", "busy" or "internal"
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: "torch.Tensor | np.ndarray") -> bool:
     """Whether every element is finite (numpy's check for float32/float16 CPU tensors: 5x faster on small ones)."""
+    if isinstance(tensor, np.ndarray):
+        return bool(np.isfinite(tensor).all())
     if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float16) and not tensor.requires_grad:
         return bool(np.isfinite(tensor.numpy()).all())
     return bool(torch.isfinite(tensor).all())
@@ -298,6 +315,8 @@ __all__ = [
     "StateTensor",
     "StepResult",
     "all_finite",
+    "array_bounded",
+    "as_tensor",
     "deserialize_bounded",
     "check_response",
     "error_response",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from contextlib import aclosing
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
+import numpy as np
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
@@ -32,6 +33,8 @@ from swarmlm.experts.protocol import (
     StateTensor,
     StepResult,
     all_finite,
+    array_bounded,
+    as_tensor,
     deserialize_bounded,
     error_response,
     pack,
@@ -50,7 +53,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, np.float32, np.float16)  # torch's, or numpy's
+INDEX_DTYPES = (torch.int64, torch.int32, np.int64, np.int32)  # position ids
+MASK_DTYPES = (torch.bool, torch.int64, torch.int32, torch.uint8, torch.int8,
+               np.bool_, np.int64, np.int32, np.uint8, np.int8)
 SHUTTING_DOWN = "this peer is shutting down: it takes no new sessions or requests; use another peer"
 INLINE_MAX_TOKENS = 8  # inference steps of at most this many tokens (batch x seq) may run on the event loop...
 INLINE_STEP_SECONDS = 0.02  # ...if such steps took at most this long (see _runs_inline)
@@ -174,13 +180,14 @@ class SpanHandler(SpanService):
         return tensors[:-1], prompts.to(self.device, self.dtype)
 
     def _parse_inputs(self, tensors, expect_grad: bool = False, mask_offset: int = 0, prompts=None):
-        """Parses [hidden, (grad,) position_ids, (attention_mask)] into validated tensors."""
+        """Parses [hidden, (grad,) position_ids, (attention_mask)] into validated tensors. The checks run on numpy
+        views of the message (array_bounded); torch tensors are made once, at the end."""
         limits = self.limits
         n_required = 3 if expect_grad else 2
         if not n_required <= len(tensors) <= n_required + 1:
             raise RequestError(f"expected {n_required} or {n_required + 1} tensors, got {len(tensors)}")
         max_elems = limits.max_request_tokens * limits.hidden_size
-        hidden = self._tensor(tensors[0], "hidden_states", max_elems)
+        hidden = array_bounded(tensors[0], max_elems, "hidden_states")
         if hidden.ndim != 3 or hidden.shape[-1] != limits.hidden_size:
             raise RequestError(f"hidden_states must be [batch, seq, {limits.hidden_size}], got {list(hidden.shape)}")
         batch, seq = hidden.shape[:2]
@@ -193,28 +200,26 @@ class SpanHandler(SpanService):
             raise RequestError(f"hidden_states must be finite float32/float16/bfloat16, got {hidden.dtype}")
         grad = None
         if expect_grad:
-            grad = self._tensor(tensors[1], "grad_outputs", max_elems)
-            if grad.shape != hidden.shape or grad.dtype not in FLOAT_DTYPES:
+            grad = array_bounded(tensors[1], max_elems, "grad_outputs")
+            if tuple(grad.shape) != tuple(hidden.shape) or grad.dtype not in FLOAT_DTYPES:
                 raise RequestError(f"grad_outputs must match hidden_states {list(hidden.shape)}, got {list(grad.shape)}")
-        position_ids = self._tensor(tensors[n_required - 1], "position_ids", batch * seq)
-        if position_ids.shape != (batch, seq) or position_ids.dtype not in (torch.int64, torch.int32):
+        position_ids = array_bounded(tensors[n_required - 1], batch * seq, "position_ids")
+        if tuple(position_ids.shape) != (batch, seq) or position_ids.dtype not in INDEX_DTYPES:
             raise RequestError(f"position_ids must be int64 [{batch}, {seq}], got {position_ids.dtype} {list(position_ids.shape)}")
-        positions = position_ids.numpy()  # numpy's min/max: a third of torch.aminmax's cost on a cold cache
-        if int(positions.min()) < 0 or int(positions.max()) >= limits.max_session_length:
+        if int(position_ids.min()) < 0 or int(position_ids.max()) >= limits.max_session_length:
             raise RequestError(f"position_ids must lie in [0, {limits.max_session_length})")
         mask = None
         if len(tensors) == n_required + 1:
-            mask = self._tensor(tensors[-1], "attention_mask", batch * (mask_offset + seq))
-            if mask.shape != (batch, mask_offset + seq):
+            mask = array_bounded(tensors[-1], batch * (mask_offset + seq), "attention_mask")
+            if tuple(mask.shape) != (batch, mask_offset + seq):
                 raise RequestError(f"attention_mask must be [{batch}, {mask_offset + seq}], got {list(mask.shape)}")
-            if mask.dtype not in (torch.bool, torch.int64, torch.int32, torch.uint8, torch.int8) or (
-                (mask != 0) & (mask != 1)
-            ).any():
+            if mask.dtype not in MASK_DTYPES or bool(((mask != 0) & (mask != 1)).any()):
                 raise RequestError("attention_mask must hold only 0 and 1")
-            mask = mask.to(torch.bool)
+            mask = as_tensor(mask).to(torch.bool)
         if prompts is not None and prompts.shape[1] > seq:
             raise RequestError(f"{prompts.shape[1]} prompt tokens do not fit in a sequence of {seq}")
-        return self._placed(hidden), self._placed(grad), self._placed(position_ids, torch.int64), mask
+        return (self._placed(as_tensor(hidden)), self._placed(as_tensor(grad)) if grad is not None else None,
+                self._placed(as_tensor(position_ids), torch.int64), mask)
 
     def _placed(self, tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         """`tensor` on the peer's device in `dtype` (default: the blocks' dtype); no torch call when it already is."""
