@@ -229,7 +229,8 @@ def serialize_all(tensors: Sequence[torch.Tensor]) -> list[runtime_pb2.Tensor]:
 def deserialize_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
     """A tensor of a peer's answer (the caller checks its shape; peers read requests with deserialize_bounded)."""
     if proto.compression == CompressionType.NONE and proto.dtype in _NUMPY_DTYPES:
-        return _from_buffer(proto).requires_grad_(proto.requires_grad)
+        tensor = _from_buffer(proto)
+        return tensor.requires_grad_(True) if proto.requires_grad else tensor
     return deserialize_torch_tensor(proto)
 
 
