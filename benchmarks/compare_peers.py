@@ -10,7 +10,8 @@ per round, with the number of rounds B won. It also checks that A, B and local p
 Both versions must speak the same protocol as this checkout's client.
 
 Run (from a checkout; A and B are directories that hold a `swarmlm` package, e.g. `git worktree add`):
-    python benchmarks/compare_peers.py --a ../swarmlm-before --b . [--model tiny] [--rounds 10]
+    python benchmarks/compare_peers.py --a ../swarmlm-before --b . [--model tiny] [--rounds 10] [--direct a|b|both]
+(`--a . --b . --direct b` compares p2p with direct connections on the same code.)
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--peer-threads", type=int, default=1)
+    parser.add_argument("--direct", default="", choices=["", "a", "b", "both"],
+                        help="whose peers serve direct connections (e.g. --a . --b . --direct b: p2p against direct)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
@@ -70,9 +73,11 @@ def main() -> int:
             for side, root in (("A", args.a), ("B", args.b)):
                 env = dict(os.environ, SWARMLM_HOME=str(swarmlm_home()),
                            PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-                dht_maddrs = start_swarm(nodes, path, Path(log_dir) / side, env, args.peer_threads)
+                direct = args.direct in (side.lower(), "both")
+                dht_maddrs = start_swarm(nodes, path, Path(log_dir) / side, env, args.peer_threads, direct=direct)
                 swarms[side] = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=dht_maddrs)
-                print(f"swarm {side} ready (peer code from {root})", flush=True)
+                print(f"swarm {side} ready (peer code from {root}{', direct connections' if direct else ''})",
+                      flush=True)
             local = AutoModelForCausalLM.from_pretrained(path).eval()
             for round_ in range(args.rounds + 1):  # round 0 warms up
                 for side in ("A", "B", "local") if round_ % 2 == 0 else ("B", "A", "local"):

@@ -7,6 +7,7 @@ import asyncio
 import msgpack
 import pytest
 import torch
+from bad_frames import BAD_FRAMES, answer_to_frame
 from hivemind.proto import runtime_pb2
 
 from swarmlm.client.rpc import InferenceStream, call_forward
@@ -265,38 +266,18 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
     _valid(client)
 
 
-@pytest.mark.parametrize("transport", ["p2p", "direct"])
-@pytest.mark.parametrize(
-    "frame, message",
-    [
-        (b"\x07" + b"\x00" * 16, "unknown stream frame marker"),
-        (b"\x00" + (2**40).to_bytes(8, "big"), "exceeds this peer's limit"),  # refused before any of it is read
-        (b"\x00" + (3).to_bytes(8, "big") + b"\xff\xff\xff", "not a valid ExpertRequest"),
-    ],
-)
-def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, message, transport):
-    """rpc_inference reads raw frames, on a p2p stream or a direct connection: a bad marker, an oversized length
-    or bytes that are no protobuf are answered with a bad_request error; the peer keeps serving."""
-    from hivemind.p2p import P2P, PeerID
-
-    from swarmlm.experts.direct import connect
+@pytest.mark.parametrize("frame, message", BAD_FRAMES)
+def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, message):
+    """rpc_inference reads raw frames: a bad marker, an oversized length or bytes that are no protobuf are
+    answered with a bad_request error; the peer keeps serving (the same over direct connections: test_direct.py)."""
+    from hivemind.p2p import PeerID
 
     remote, peer = client
-    direct_address = remote.loop.run(remote.make_route(0, remote.num_blocks, mode="latency"))[0].direct_address
 
     async def call():
-        if transport == "direct":
-            reader, writer = await connect(direct_address, peer, "inference")
-        else:
-            _, reader, writer = await remote.p2p.call_binary_stream_handler(
-                PeerID.from_base58(peer), SpanService._get_handle_name(None, "rpc_inference"))
-        try:
-            writer.write(frame)
-            response, error = await asyncio.wait_for(P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader), 30)
-            assert error is None
-            return check_response(peer, response)
-        finally:
-            writer.close()
+        _, reader, writer = await remote.p2p.call_binary_stream_handler(
+            PeerID.from_base58(peer), SpanService._get_handle_name(None, "rpc_inference"))
+        return await answer_to_frame(peer, reader, writer, frame)
 
     with pytest.raises(RemotePeerError) as info:
         remote.loop.run(call())

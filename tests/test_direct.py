@@ -1,9 +1,8 @@
-"""Direct connections (plain TCP beside the p2p daemons): announced by loopback peers, used by clients and by
-pushing peers, refused on a bad hello, and replaced by p2p wherever they are off or fail.
+"""Direct connections (plain TCP beside the p2p daemons, `swarmlm peer --direct`): used by clients and by pushing
+peers, refused on a bad hello, and replaced by p2p wherever they are off or fail.
 
-One swarm: peer 0:3 serves direct connections (the default on loopback), peer 3:8 runs with --no-direct, so a
-route uses both transports and the first peer pushes into the second over p2p. Pushes between two peers that
-both serve direct connections are counted in tests/test_monitoring.py."""
+One swarm: peers 0:3 and 3:5 serve direct connections, peer 5:8 does not (the default), so a route uses both
+transports for the client, 0:3 pushes into 3:5 directly and 3:5 pushes into 5:8 over p2p."""
 
 from __future__ import annotations
 
@@ -11,11 +10,14 @@ import asyncio
 
 import pytest
 import torch
+from bad_frames import BAD_FRAMES, answer_to_frame
 from conftest import running_swarm
+from metrics_scrape import metrics_url, scrape, value
 from swarm_processes import start_peer
 
 from swarmlm import AutoDistributedModelForCausalLM
 from swarmlm.client.rpc import InferenceStream
+from swarmlm.errors import RemotePeerError
 from swarmlm.experts.direct import HELLO, connect
 from swarmlm.experts.protocol import SpanRequest
 from swarmlm.models.embedded import DEFAULT_MODEL
@@ -26,9 +28,11 @@ PROMPT = "def fibonacci(n):"
 
 @pytest.fixture(scope="module")
 def mixed_swarm(tiny_model_path):
-    with running_swarm(DEFAULT_MODEL, ["0:3"]) as (dht, peers):
-        with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "3:8", "--no-direct") as plain:
-            yield dht, peers[0], plain
+    """dht, [direct peers 0:3 (with /metrics) and 3:5], the p2p-only peer 5:8."""
+    with running_swarm(DEFAULT_MODEL, ["0:3"], "--direct", "--metrics-port", "0") as (dht, peers):
+        with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "3:5", "--direct") as second, \
+                start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "5:8") as plain:
+            yield dht, [peers[0], second], plain
 
 
 @pytest.fixture(scope="module")
@@ -47,26 +51,30 @@ def _direct_line(node) -> str | None:
     return next((line.split()[1] for line in node.stdout_lines if line.startswith("DIRECT ")), None)
 
 
-def test_a_loopback_peer_serves_direct_connections_and_says_where_over_p2p(mixed_swarm, model):
+def test_a_direct_peer_says_where_over_p2p_and_others_serve_none(mixed_swarm, model):
     """The client learns direct addresses from each peer's rpc_info answer (over p2p, which authenticates the
     peer), never from DHT records, which anyone can write."""
-    _, direct, plain = mixed_swarm
-    address = _direct_line(direct)
-    assert address is not None and address.startswith("127.0.0.1:"), direct.stdout_lines
+    _, (first, second), plain = mixed_swarm
+    for node in (first, second):
+        assert (_direct_line(node) or "").startswith("127.0.0.1:"), node.stdout_lines
     assert _direct_line(plain) is None
     remote = model.remote
     route = remote.loop.run(remote.make_route(0, remote.num_blocks, mode="latency"))  # probes the peers
-    assert {hop.peer_id: hop.direct_address for hop in route} == {_peer_id(direct): address, _peer_id(plain): None}
+    assert {hop.peer_id: hop.direct_address for hop in route} == {
+        _peer_id(first): _direct_line(first), _peer_id(second): _direct_line(second), _peer_id(plain): None}
 
 
-def test_a_route_over_both_transports_generates_the_local_tokens(model, local_model, tokenizer):
-    """The client reaches 0:3 directly and 3:8 over p2p; 0:3 pushes its steps into 3:8 over p2p (3:8 announces no
-    direct address). With the client's direct connections off, both hops use p2p. Tokens equal the local model's."""
+def test_a_route_over_both_transports_generates_the_local_tokens(mixed_swarm, model, local_model, tokenizer):
+    """The client reaches 0:3 and 3:5 directly and 5:8 over p2p; 0:3 pushes its steps into 3:5 directly (both serve
+    direct connections) and 3:5 into 5:8 over p2p. With the client's direct connections off, every hop uses p2p
+    (the peers still push to each other directly). Tokens equal the local model's."""
+    _, (first, _), _ = mixed_swarm
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
     local = local_model.generate(ids, **kwargs)
     config = model.remote.config
-    for direct, transports in ((True, ["direct", "p2p"]), (False, ["p2p", "p2p"])):
+    for direct, transports in ((True, ["direct", "direct", "p2p"]), (False, ["p2p", "p2p", "p2p"])):
+        before = scrape(metrics_url(first))
         config.direct_connections = direct
         try:
             with model.inference_session(max_length=ids.shape[1] + 20) as session:
@@ -75,7 +83,12 @@ def test_a_route_over_both_transports_generates_the_local_tokens(model, local_mo
             config.direct_connections = True
         assert remote.tolist() == local.tolist()
         assert session.transports == transports
-        assert session.pushed_steps >= 20 - 3 and session.lost_pushes == 0, (session.pushed_steps, session.lost_pushes)
+        assert session.pushed_steps >= 2 * (20 - 3) and session.lost_pushes == 0, (session.pushed_steps,
+                                                                                   session.lost_pushes)
+        after = scrape(metrics_url(first))
+        pushed = {t: value(after, "swarmlm_pushed_steps_total", transport=t)
+                  - value(before, "swarmlm_pushed_steps_total", transport=t) for t in ("direct", "p2p")}
+        assert pushed["p2p"] == 0 and pushed["direct"] >= 20 - 3, pushed  # 0:3 -> 3:5
 
 
 def _session_step(model, peer: str, address: str | None, blocks=(0, 3)) -> tuple[bool, torch.Tensor]:
@@ -98,12 +111,12 @@ def _session_step(model, peer: str, address: str | None, blocks=(0, 3)) -> tuple
 def test_a_direct_address_that_fails_is_replaced_by_p2p(mixed_swarm, model):
     """A closed port, a service that is no swarmlm peer (the DHT node's libp2p port) and another peer's direct
     address (it refuses a hello for someone else): the session opens over p2p and works."""
-    dht, direct, plain = mixed_swarm
+    dht, (direct, _), plain = mixed_swarm
     libp2p_port = dht.maddrs[0].split("/tcp/")[1].split("/")[0]
     for address in ("127.0.0.1:1", f"127.0.0.1:{libp2p_port}"):
         used_direct, output = _session_step(model, _peer_id(direct), address)
         assert not used_direct and output.shape == (1, 1, HIDDEN)
-    used_direct, output = _session_step(model, _peer_id(plain), _direct_line(direct), blocks=(3, 8))
+    used_direct, output = _session_step(model, _peer_id(plain), _direct_line(direct), blocks=(5, 8))
     assert not used_direct and output.shape == (1, 1, HIDDEN)
     used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))  # its own peer's: direct
     assert used_direct and output.shape == (1, 1, HIDDEN)
@@ -120,7 +133,7 @@ def test_a_direct_address_that_fails_is_replaced_by_p2p(mixed_swarm, model):
 def test_a_bad_hello_is_refused_and_the_peer_keeps_serving(mixed_swarm, model, hello):
     """The listener closes a connection whose hello is not one for this peer and a known method; it answers
     nothing on it (no greeting), and the next direct session works."""
-    _, direct, _ = mixed_swarm
+    _, (direct, _), _ = mixed_swarm
     host, port = _direct_line(direct).split(":")
     hello = hello.replace(b"{peer}", _peer_id(direct).encode())
 
@@ -139,8 +152,23 @@ def test_a_bad_hello_is_refused_and_the_peer_keeps_serving(mixed_swarm, model, h
     assert used_direct and output.shape == (1, 1, HIDDEN)
 
 
+@pytest.mark.parametrize("frame, message", BAD_FRAMES)
+def test_a_direct_session_with_bad_framing_gets_a_clear_error(mixed_swarm, model, frame, message):
+    _, (direct, _), _ = mixed_swarm
+
+    async def call():
+        reader, writer = await connect(_direct_line(direct), _peer_id(direct), "inference")
+        return await answer_to_frame(_peer_id(direct), reader, writer, frame)
+
+    with pytest.raises(RemotePeerError) as info:
+        model.remote.loop.run(call())
+    assert info.value.code == "bad_request" and message in str(info.value), str(info.value)
+    used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))
+    assert used_direct and output.shape == (1, 1, HIDDEN)
+
+
 def test_garbage_on_a_direct_push_connection_closes_it_and_the_peer_keeps_serving(mixed_swarm, model):
-    _, direct, _ = mixed_swarm
+    _, (direct, _), _ = mixed_swarm
 
     async def push_garbage() -> bytes:
         reader, writer = await connect(_direct_line(direct), _peer_id(direct), "push")
@@ -155,33 +183,18 @@ def test_garbage_on_a_direct_push_connection_closes_it_and_the_peer_keeps_servin
     assert used_direct and output.shape == (1, 1, HIDDEN)
 
 
-def test_direct_connections_are_on_by_default_only_for_loopback_peers():
+def test_direct_connections_need_an_address_others_reach():
     from swarmlm.peer.config import PeerConfig
 
     def config(*maddrs, **kwargs) -> PeerConfig:
         return PeerConfig(model=DEFAULT_MODEL, blocks=(0, 1), new_swarm=True, host_maddrs=list(maddrs), **kwargs)
 
-    assert config("/ip4/127.0.0.1/tcp/0").serves_direct
-    assert not config("/ip4/127.0.0.1/tcp/0", direct=False).serves_direct
-    assert not config("/ip4/0.0.0.0/tcp/0").serves_direct
-    assert not config("/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0").serves_direct
+    assert not config("/ip4/127.0.0.1/tcp/0").direct  # opt-in
+    config("/ip4/127.0.0.1/tcp/0", direct=True)
+    config("/ip4/0.0.0.0/tcp/0", direct=True, announce_maddrs=["/ip4/192.168.1.5/tcp/31337"])
     with pytest.raises(ValueError, match="--announce-maddrs"):
         config("/ip4/0.0.0.0/tcp/0", direct=True)
-    lan = config("/ip4/0.0.0.0/tcp/0", direct=True, announce_maddrs=["/ip4/192.168.1.5/tcp/31337"])
-    assert lan.serves_direct
+    with pytest.raises(ValueError, match="/ip4"):
+        config("/ip6/::1/tcp/0", direct=True)
     with pytest.raises(ValueError, match="direct_port"):
         config("/ip4/127.0.0.1/tcp/0", direct_port=70000)
-
-
-def test_a_session_forgets_a_direct_address_that_failed_until_the_peer_is_probed_again(mixed_swarm, model, tokenizer):
-    _, direct, _ = mixed_swarm
-    remote, peer = model.remote, _peer_id(direct)
-    remote.loop.run(remote.probe([peer]))
-    assert remote.manager.direct_addresses[peer] == _direct_line(direct)
-    remote.manager.direct_addresses[peer] = "127.0.0.1:1"  # as if the peer had moved to another port
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    with model.inference_session(max_length=ids.shape[1] + 4) as session:
-        model.generate(ids, session=session, max_new_tokens=4, do_sample=False)
-    assert session.transports == ["p2p", "p2p"] and peer not in remote.manager.direct_addresses
-    remote.loop.run(remote.probe([peer]))
-    assert remote.manager.direct_addresses[peer] == _direct_line(direct)

@@ -40,7 +40,7 @@ def test_steps_go_from_peer_to_peer_and_match_the_client_relayed_ones(dist_model
         finally:
             dist_model.remote.config.peer_push = True
         assert remote.tolist() == local.tolist()
-        assert session.transports == ["direct", "direct"]  # loopback peers serve direct connections by default
+        assert session.transports == ["p2p", "p2p"]  # direct connections are opt-in (test_direct.py)
         if push:  # the push stream to the next peer opens during the first pushed step, then every step goes on it
             assert len(session.route) == 2 and session.pushed_steps >= 24 - 3, session.pushed_steps
         else:

@@ -101,14 +101,14 @@ def test_metrics_follow_a_session_through_the_swarm(monitored_swarm, model, toke
         assert delta("swarmlm_request_duration_seconds_count", kind="inference") == new  # prefill + new - 1 steps
         assert delta("swarmlm_rpc_sent_bytes_total", kind="inference") >= fed * HIDDEN * 4  # float32 hidden states
         assert delta("swarmlm_rpc_received_bytes_total", kind="inference") >= fed * HIDDEN * 4
-        assert delta("swarmlm_pushed_steps_total", transport="p2p") == 0  # loopback peers: direct connections
+        assert delta("swarmlm_pushed_steps_total", transport="direct") == 0  # peers without --direct
         after = scrape_until(url, lambda s: value(s, "swarmlm_inference_sessions_active") == 0
                              and value(s, "swarmlm_kv_cache_used_tokens") == 0
                              and requests(s, "inference", "ok") == requests(b, "inference", "ok") + 1)
         assert value(after, "swarmlm_kv_cache_free_tokens") == MAX_CACHE
         assert requests(after, "inference", "error") == requests(b, "inference", "error")
-    pushed = value(during[0], "swarmlm_pushed_steps_total", transport="direct") - value(
-        before[0], "swarmlm_pushed_steps_total", transport="direct")
+    pushed = value(during[0], "swarmlm_pushed_steps_total", transport="p2p") - value(
+        before[0], "swarmlm_pushed_steps_total", transport="p2p")
     assert pushed == session.pushed_steps >= 1, (pushed, session.pushed_steps)  # 0:3 pushed steps into 3:8
 
 

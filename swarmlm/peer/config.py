@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from swarmlm.experts.direct import direct_hosts, loopback_only
+from swarmlm.experts.direct import direct_hosts
 from swarmlm.training.span_trainer import SpanTrainingConfig
 
 
@@ -22,8 +22,8 @@ class PeerConfig:
     identity_path: Optional[str] = None  # libp2p private key file: a stable peer id across restarts
     use_nat_port_map: bool = False  # ask the gateway for a port mapping (NAT-PMP/UPnP); never on loopback
     use_relay: bool = True  # allow libp2p circuit relays (peers behind NAT)
-    direct: Optional[bool] = None  # also serve inference over plain TCP (unencrypted: local swarms and trusted LANs;
-    # see swarmlm.experts.direct); None: only when every host_maddr is loopback
+    direct: bool = False  # also serve inference sessions and pushes over plain TCP (unencrypted: local swarms and
+    # trusted LANs; see swarmlm.experts.direct)
     direct_port: int = 0  # TCP port of direct connections (0: any free port)
     dht_prefix: Optional[str] = None  # the model's name in the DHT (default: resolved model name)
     public_name: Optional[str] = None  # a human-readable name shown in health reports
@@ -45,10 +45,6 @@ class PeerConfig:
     metrics_host: str = "127.0.0.1"  # where the metrics endpoint listens (0.0.0.0 to let other machines scrape)
     training: Optional[SpanTrainingConfig] = None  # train the hosted blocks with their replicas; None: frozen weights
 
-    @property
-    def serves_direct(self) -> bool:
-        return self.direct if self.direct is not None else loopback_only(self.host_maddrs)
-
     def __post_init__(self):
         if (self.blocks is None) == (self.num_blocks is None):
             raise ValueError("give exactly one of blocks (A:B) or num_blocks (N)")
@@ -62,7 +58,7 @@ class PeerConfig:
             raise ValueError(f"metrics_port must lie in [0, 65535], got {self.metrics_port}")
         if not 0 <= self.direct_port <= 65535:
             raise ValueError(f"direct_port must lie in [0, 65535], got {self.direct_port}")
-        if self.serves_direct:
+        if self.direct:
             direct_hosts(self.host_maddrs, self.announce_maddrs)  # raises ValueError with what to give
         if self.throughput is not None and not 0 <= self.throughput < math.inf:  # also false for NaN
             raise ValueError(f"throughput must be a finite number >= 0, got {self.throughput}")

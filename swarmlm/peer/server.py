@@ -188,7 +188,7 @@ class Peer:
         c = self.config
         self._p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self._p2p)
-        if c.serves_direct:
+        if c.direct:
             bind, announce = direct_hosts(c.host_maddrs, c.announce_maddrs)
             self.direct_address = await self.handler.serve_direct(bind, c.direct_port, announce)
             logger.info(f"Serving direct connections at {self.direct_address} (plain TCP)")
