@@ -6,8 +6,9 @@ the peer, so an address is never taken from a DHT record or a client (anyone can
 there instead of through the p2p daemons, and fall back to p2p when the connection fails. The messages are
 the same frames as on the p2p streams (`stream_frame` / `read_frame`), so the peer serves both with the same
 code; a message skips the two daemon hops. Measured on a 2-core VM with a local swarm: 10-20% less CPU per
-generated token, but no lower latency (0.3 ms/token slower on the tiny model in paired runs: there the p2p
-daemons' own threads seem to keep the cores awake, which makes wakeups faster); hence opt-in.
+generated token, but no clear latency gain (paired runs: tiny model 0.3 ms/token slower, large 0.2-0.65 ms/token
+faster; the p2p daemons' own threads may keep the cores awake, which makes wakeups faster). Off by default: the
+TCP is plain.
 
 Plain TCP: not encrypted, and the peer is identified only by its hello line. For local swarms and trusted
 LANs only; the p2p daemons stay the transport for everything else (DHT, forward/backward, other swarms).
