@@ -55,11 +55,19 @@ def tokenizer(tiny_model_path):
     return AutoTokenizer.from_pretrained(tiny_model_path)
 
 
-@pytest.fixture(scope="module")
-def dist_model(swarm):
+@contextlib.contextmanager
+def client_model(dht):
+    """The default model's distributed client joined through `dht` (a NodeProcess), closed on exit."""
     from swarmlm import AutoDistributedModelForCausalLM
 
-    dht, _ = swarm
     model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=dht.maddrs)
-    yield model
-    model.close()
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def dist_model(swarm):
+    with client_model(swarm[0]) as model:
+        yield model

@@ -43,6 +43,11 @@ class NodeProcess:
             self._stderr.append(line)
 
     @property
+    def peer_id(self) -> str:
+        """The node's base58 peer id (the last part of its multiaddrs; known once it is ready)."""
+        return self.maddrs[0].rsplit("/", 1)[-1]
+
+    @property
     def stderr(self) -> str:
         return "".join(self._stderr[-200:])
 

@@ -36,7 +36,7 @@ def test_generate_command_streams_the_local_models_text(swarm, local_model, toke
 def test_sigterm_announces_offline_before_exit(swarm, dist_model):
     dht, _ = swarm
     with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "0:2") as extra:
-        peer_id = extra.maddrs[0].rsplit("/", 1)[-1]
+        peer_id = extra.peer_id
         states = {r.peer_id: r.state for r in fetch_block_records(dist_model.remote.dht, DEFAULT_MODEL, 8)[0]}
         assert states.get(peer_id) == ServerState.ONLINE
         assert extra.terminate(signal.SIGTERM) == 0

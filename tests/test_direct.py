@@ -11,11 +11,10 @@ import asyncio
 import pytest
 import torch
 from bad_frames import BAD_FRAMES, answer_to_frame
-from conftest import running_swarm
+from conftest import client_model, running_swarm
 from metrics_scrape import metrics_url, scrape, value
 from swarm_processes import start_peer
 
-from swarmlm import AutoDistributedModelForCausalLM
 from swarmlm.client.rpc import InferenceStream
 from swarmlm.errors import RemotePeerError
 from swarmlm.experts.direct import HELLO, connect
@@ -37,14 +36,8 @@ def mixed_swarm(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def model(mixed_swarm):
-    dht, _, _ = mixed_swarm
-    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=dht.maddrs)
-    yield model
-    model.close()
-
-
-def _peer_id(node) -> str:
-    return node.maddrs[0].rsplit("/", 1)[-1]
+    with client_model(mixed_swarm[0]) as model:
+        yield model
 
 
 def _direct_line(node) -> str | None:
@@ -61,7 +54,7 @@ def test_a_direct_peer_says_where_over_p2p_and_others_serve_none(mixed_swarm, mo
     remote = model.remote
     route = remote.loop.run(remote.make_route(0, remote.num_blocks, mode="latency"))  # probes the peers
     assert {hop.peer_id: hop.direct_address for hop in route} == {
-        _peer_id(first): _direct_line(first), _peer_id(second): _direct_line(second), _peer_id(plain): None}
+        first.peer_id: _direct_line(first), second.peer_id: _direct_line(second), plain.peer_id: None}
 
 
 def test_a_route_over_both_transports_generates_the_local_tokens(mixed_swarm, model, local_model, tokenizer):
@@ -108,18 +101,23 @@ def _session_step(model, peer: str, address: str | None, blocks=(0, 3)) -> tuple
     return remote.loop.run(run())
 
 
+def _serves_direct_sessions(model, node) -> bool:
+    """Whether a new session on `node`'s blocks 0:3 opens on its direct address and answers a step."""
+    used_direct, output = _session_step(model, node.peer_id, _direct_line(node))
+    return used_direct and output.shape == (1, 1, HIDDEN)
+
+
 def test_a_direct_address_that_fails_is_replaced_by_p2p(mixed_swarm, model):
     """A closed port, a service that is no swarmlm peer (the DHT node's libp2p port) and another peer's direct
     address (it refuses a hello for someone else): the session opens over p2p and works."""
     dht, (direct, _), plain = mixed_swarm
     libp2p_port = dht.maddrs[0].split("/tcp/")[1].split("/")[0]
     for address in ("127.0.0.1:1", f"127.0.0.1:{libp2p_port}"):
-        used_direct, output = _session_step(model, _peer_id(direct), address)
+        used_direct, output = _session_step(model, direct.peer_id, address)
         assert not used_direct and output.shape == (1, 1, HIDDEN)
-    used_direct, output = _session_step(model, _peer_id(plain), _direct_line(direct), blocks=(5, 8))
+    used_direct, output = _session_step(model, plain.peer_id, _direct_line(direct), blocks=(5, 8))
     assert not used_direct and output.shape == (1, 1, HIDDEN)
-    used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))  # its own peer's: direct
-    assert used_direct and output.shape == (1, 1, HIDDEN)
+    assert _serves_direct_sessions(model, direct)  # its own peer's address: direct
 
 
 @pytest.mark.parametrize("hello", [
@@ -135,7 +133,7 @@ def test_a_bad_hello_is_refused_and_the_peer_keeps_serving(mixed_swarm, model, h
     nothing on it (no greeting), and the next direct session works."""
     _, (direct, _), _ = mixed_swarm
     host, port = _direct_line(direct).split(":")
-    hello = hello.replace(b"{peer}", _peer_id(direct).encode())
+    hello = hello.replace(b"{peer}", direct.peer_id.encode())
 
     async def say_hello() -> bytes:
         reader, writer = await asyncio.open_connection(host, int(port))
@@ -148,8 +146,7 @@ def test_a_bad_hello_is_refused_and_the_peer_keeps_serving(mixed_swarm, model, h
             writer.close()
 
     assert model.remote.loop.run(say_hello()) == b""
-    used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))
-    assert used_direct and output.shape == (1, 1, HIDDEN)
+    assert _serves_direct_sessions(model, direct)
 
 
 @pytest.mark.parametrize("frame, message", BAD_FRAMES)
@@ -157,21 +154,20 @@ def test_a_direct_session_with_bad_framing_gets_a_clear_error(mixed_swarm, model
     _, (direct, _), _ = mixed_swarm
 
     async def call():
-        reader, writer = await connect(_direct_line(direct), _peer_id(direct), "inference")
-        return await answer_to_frame(_peer_id(direct), reader, writer, frame)
+        reader, writer = await connect(_direct_line(direct), direct.peer_id, "inference")
+        return await answer_to_frame(direct.peer_id, reader, writer, frame)
 
     with pytest.raises(RemotePeerError) as info:
         model.remote.loop.run(call())
     assert info.value.code == "bad_request" and message in str(info.value), str(info.value)
-    used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))
-    assert used_direct and output.shape == (1, 1, HIDDEN)
+    assert _serves_direct_sessions(model, direct)
 
 
 def test_garbage_on_a_direct_push_connection_closes_it_and_the_peer_keeps_serving(mixed_swarm, model):
     _, (direct, _), _ = mixed_swarm
 
     async def push_garbage() -> bytes:
-        reader, writer = await connect(_direct_line(direct), _peer_id(direct), "push")
+        reader, writer = await connect(_direct_line(direct), direct.peer_id, "push")
         try:
             writer.write(b"\x07" + b"\x00" * 16)  # an unknown frame marker
             return await asyncio.wait_for(reader.read(), 30)
@@ -179,8 +175,7 @@ def test_garbage_on_a_direct_push_connection_closes_it_and_the_peer_keeps_servin
             writer.close()
 
     assert model.remote.loop.run(push_garbage()) == b""
-    used_direct, output = _session_step(model, _peer_id(direct), _direct_line(direct))
-    assert used_direct and output.shape == (1, 1, HIDDEN)
+    assert _serves_direct_sessions(model, direct)
 
 
 def test_direct_connections_need_an_address_others_reach():

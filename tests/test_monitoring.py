@@ -13,11 +13,10 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import running_swarm
+from conftest import client_model, running_swarm
 from metrics_scrape import metrics_url, scrape, scrape_until, value
 from swarm_processes import NodeProcess, start_peer
 
-from swarmlm import AutoDistributedModelForCausalLM
 from swarmlm.client.rpc import InferenceStream, call_forward
 from swarmlm.dht.records import ServerRecord, ServerState
 from swarmlm.dht.registry import ModelRecord
@@ -47,14 +46,8 @@ def monitored_swarm(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def model(monitored_swarm):
-    dht, _, _ = monitored_swarm
-    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=dht.maddrs)
-    yield model
-    model.close()
-
-
-def peer_id(node: NodeProcess) -> str:
-    return node.maddrs[0].rsplit("/", 1)[-1]
+    with client_model(monitored_swarm[0]) as model:
+        yield model
 
 
 def requests(samples: dict, kind: str, outcome: str) -> float:
@@ -114,7 +107,7 @@ def test_metrics_follow_a_session_through_the_swarm(monitored_swarm, model, toke
 
 def test_requests_are_counted_by_kind_and_outcome(monitored_swarm, model):
     _, peers, _ = monitored_swarm
-    first, url = peer_id(peers[0]), metrics_url(peers[0])
+    first, url = peers[0].peer_id, metrics_url(peers[0])
     before = [scrape(metrics_url(node)) for node in peers]
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
@@ -179,7 +172,7 @@ def test_health_exits_zero_on_full_coverage(monitored_swarm, health_runs):
     assert f"model {DEFAULT_MODEL} (llama, 8 blocks): OK" in result.stdout
     assert f"swarm throughput {THROUGHPUT:.1f} tokens/s" in result.stdout
     for node in peers:
-        assert peer_id(node) in result.stdout
+        assert node.peer_id in result.stdout
 
 
 def test_health_reports_a_gap_and_exits_one(monitored_swarm, health_runs):
@@ -189,7 +182,7 @@ def test_health_reports_a_gap_and_exits_one(monitored_swarm, health_runs):
     assert f"model {GAP_MODEL} (llama, 8 blocks): GAP - no peer serves blocks 3:8" in result.stdout
     assert "3:8" in result.stdout and "!! MISSING" in result.stdout
     assert f"swarmlm peer --model {GAP_MODEL} --blocks 3:8" in result.stdout
-    assert peer_id(gap_peer) in result.stdout
+    assert gap_peer.peer_id in result.stdout
 
 
 def test_health_json_lists_every_registered_model(monitored_swarm, health_runs):
@@ -201,11 +194,11 @@ def test_health_json_lists_every_registered_model(monitored_swarm, health_runs):
     assert report["healthy"] is False and set(models) == {DEFAULT_MODEL, GAP_MODEL}
     full, gappy = models[DEFAULT_MODEL], models[GAP_MODEL]
     assert (full["healthy"], full["gaps"], full["num_blocks"], full["throughput"]) == (True, [], 8, THROUGHPUT)
-    assert {p["peer_id"] for p in full["peers"]} == {peer_id(node) for node in peers}
+    assert {p["peer_id"] for p in full["peers"]} == {node.peer_id for node in peers}
     assert [len(block["peers"]) for block in full["blocks"]] == [1] * 8
     assert (gappy["healthy"], gappy["gaps"], gappy["throughput"]) == (False, [[3, 8]], 0.0)
     assert [(p["peer_id"], p["state"], p["public_name"]) for p in gappy["peers"]] == \
-        [(peer_id(gap_peer), "online", "gap-peer")]
+        [(gap_peer.peer_id, "online", "gap-peer")]
 
 
 def test_model_health_counts_only_online_peers():
@@ -265,5 +258,5 @@ def test_health_page_shows_the_swarm_in_a_headless_browser(monitored_swarm):
     assert f'data-model="{GAP_MODEL}" data-healthy="false"' in dom
     assert 'data-gap="3:8"' in dom
     for node in [*peers, gap_peer]:
-        assert f'data-peer-id="{peer_id(node)}" data-state="online"' in dom
+        assert f'data-peer-id="{node.peer_id}" data-state="online"' in dom
     assert "3 online peer(s)" in dom and f"swarm throughput {THROUGHPUT:.1f} tokens/s" in dom

@@ -237,7 +237,12 @@ def deserialize_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
 def _from_buffer(proto: runtime_pb2.Tensor) -> torch.Tensor:
     """An uncompressed tensor of a numpy dtype: the same values as hivemind's NoCompression reads, in a third of
     its time."""
-    return torch.from_numpy(np.frombuffer(proto.buffer, _NUMPY_DTYPES[proto.dtype]).copy()).reshape(tuple(proto.size))
+    return as_tensor(_numpy_view(proto))
+
+
+def _numpy_view(proto: runtime_pb2.Tensor) -> np.ndarray:
+    """A read-only numpy view of an uncompressed tensor of a numpy dtype (its buffer's length already checked)."""
+    return np.frombuffer(proto.buffer, _NUMPY_DTYPES[proto.dtype]).reshape(tuple(proto.size))
 
 
 def array_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str) -> "np.ndarray | torch.Tensor":
@@ -251,13 +256,10 @@ def array_bounded(proto: runtime_pb2.Tensor, max_elements: int, what: str) -> "n
         raise RequestError(f"{what}: {numel} elements exceed the limit of {max_elements}")
     if proto.compression != CompressionType.NONE or proto.dtype not in _DTYPE_SIZES:
         raise RequestError(f"{what}: unsupported dtype/compression {proto.dtype!r}/{proto.compression}")
-    buffer = proto.buffer
-    if len(buffer) != numel * _DTYPE_SIZES[proto.dtype]:
-        raise RequestError(f"{what}: buffer of {len(buffer)} bytes does not match shape {list(proto.size)}")
+    if len(proto.buffer) != numel * _DTYPE_SIZES[proto.dtype]:
+        raise RequestError(f"{what}: buffer of {len(proto.buffer)} bytes does not match shape {list(proto.size)}")
     try:
-        if proto.dtype in _NUMPY_DTYPES:
-            return np.frombuffer(buffer, _NUMPY_DTYPES[proto.dtype]).reshape(tuple(proto.size))
-        return deserialize_torch_tensor(proto)
+        return _numpy_view(proto) if proto.dtype in _NUMPY_DTYPES else deserialize_torch_tensor(proto)
     except Exception as e:
         raise RequestError(f"{what}: cannot deserialize ({type(e).__name__}: {e})") from None
 
