@@ -179,6 +179,13 @@ def test_inference_step_beyond_max_length_and_wrong_position(client):
     _valid(client)
 
 
+def test_bfloat16_hidden_states_are_accepted(client):
+    """hivemind serializes bfloat16 as float32 bytes; the peer's size check knows it and computes in its dtype."""
+    hidden = torch.randn(1, 4, HIDDEN).bfloat16()
+    out = _forward(client, SPAN, hidden, POS)
+    torch.testing.assert_close(out, _forward(client, SPAN, hidden.float(), POS), atol=0, rtol=0)
+
+
 def test_sub_span_requests_match_full_span(client):
     """A route may use part of a peer's span: blocks 0:1 then 1:3 equal 0:3."""
     hidden = torch.randn(1, 4, HIDDEN)

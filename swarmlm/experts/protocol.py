@@ -208,7 +208,8 @@ END_OF_STREAM_FRAME = P2P.ERROR_MARKER + len(P2P.END_OF_STREAM.SerializeToString
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
                  "uint8": np.uint8, "int8": np.int8}
 _TORCH_DTYPE_NAMES = {getattr(torch, name): name for name in _NUMPY_DTYPES}
-_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
+_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 4,  # hivemind sends bfloat16 as float32 bytes
+                "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
 
 
 def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
