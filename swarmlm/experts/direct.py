@@ -36,7 +36,7 @@ MAX_HELLO_BYTES = 256  # a hello line longer than this is refused
 HELLO_TIMEOUT = 10.0  # seconds a new connection may take to say hello
 CONNECT_TIMEOUT = 5.0  # seconds to connect and be greeted before falling back to p2p
 MAX_CONNECTIONS = 1024  # open direct connections a peer accepts at most (more are closed at once)
-ADDRESS_PATTERN = r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$"  # what records and push targets may announce: IPV4:PORT
+ADDRESS_PATTERN = r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$"  # what a peer's rpc_info may name: IPV4:PORT
 
 Handler = Callable[["DirectCaller", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
