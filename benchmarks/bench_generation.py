@@ -22,7 +22,9 @@ $SWARMLM_HOME/bench/ and reused:
 
 Run:
     python benchmarks/bench_generation.py [--models tiny,large] [--new-tokens 64] [--repeats 5]
-        [--peer-threads 1] [--client-threads 1] [--device cpu] [--torch-dtype float32] [--direct]
+        [--peer-threads 1] [--client-threads 1] [--device cpu] [--torch-dtype float32] [--p2p]
+The peers listen on loopback, so they serve direct connections (plain TCP) by default and the client steps on
+them; `--p2p` starts them with --no-direct, so that every message goes through the p2p daemons.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int,
 
 
 def start_swarm(nodes: list[Node], path: Path, log_prefix: Path, env: dict, peer_threads: int = 1,
-                device: str = "cpu", torch_dtype: str = "float32", direct: bool = False) -> list[str]:
+                device: str = "cpu", torch_dtype: str = "float32", p2p: bool = False) -> list[str]:
     """Starts a DHT node and one peer per span of SPANS on `path` (appended to `nodes` as they start, so the
     caller can stop them whatever happens); returns the DHT's multiaddrs once every peer is ready."""
     dht = Node(["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], Path(f"{log_prefix}-dht.log"), env)
@@ -104,7 +106,7 @@ def start_swarm(nodes: list[Node], path: Path, log_prefix: Path, env: dict, peer
     dht_maddrs = dht.wait_ready()
     peers = [Node(["peer", "--model", str(path), "--blocks", span, "--initial-peers", *dht_maddrs,
                    "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--num-threads", str(peer_threads),
-                   "--device", device, "--torch-dtype", torch_dtype, *(["--direct"] if direct else [])],
+                   "--device", device, "--torch-dtype", torch_dtype, *(["--no-direct"] if p2p else [])],
                   Path(f"{log_prefix}-peer{i}.log"), env)
              for i, span in enumerate(SPANS)]  # they load in parallel
     nodes += peers
@@ -121,7 +123,7 @@ def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -
     swarm = local = None
     try:
         dht_maddrs = start_swarm(nodes, path, log_dir / name, env, args.peer_threads, args.device, args.torch_dtype,
-                                 args.direct)
+                                 args.p2p)
         print(f"[{name}] swarm ready: dht + peers {', '.join(SPANS)}", flush=True)
 
         swarm = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=dht_maddrs)
@@ -165,8 +167,8 @@ def main() -> int:
                         "baseline, e.g. cuda or cuda:0 (the swarm client stays on the CPU)")
     parser.add_argument("--torch-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the peers' blocks and of the local baseline")
-    parser.add_argument("--direct", action="store_true", help="peers serve direct connections (plain TCP; "
-                        "the client and the pushing peers use them instead of p2p)")
+    parser.add_argument("--p2p", action="store_true", help="peers serve no direct connections (--no-direct): "
+                        "the client and the pushing peers reach them through the p2p daemons")
     args = parser.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -179,7 +181,7 @@ def main() -> int:
     print(f"batch 1, prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens, greedy, median of "
           f"{args.repeats} after 1 warm-up; peer threads {args.peer_threads}, client threads {args.client_threads}"
           + (f"; device {args.device}, dtype {args.torch_dtype}" if (args.device, args.torch_dtype) != ("cpu", "float32")
-             else "") + ("; direct connections" if args.direct else ""))
+             else "") + ("; p2p only (--no-direct)" if args.p2p else "; direct connections (loopback default)"))
     with tempfile.TemporaryDirectory(prefix="swarmlm-bench-") as log_dir:
         results = [bench_model(name, args, env, Path(log_dir)) for name in names]
 

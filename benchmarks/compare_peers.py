@@ -10,8 +10,10 @@ per round, with the number of rounds B won. It also checks that A, B and local p
 Both versions must speak the same protocol as this checkout's client.
 
 Run (from a checkout; A and B are directories that hold a `swarmlm` package, e.g. `git worktree add`):
-    python benchmarks/compare_peers.py --a ../swarmlm-before --b . [--model tiny] [--rounds 10] [--direct a|b|both]
-(`--a . --b . --direct b` compares p2p with direct connections on the same code.)
+    python benchmarks/compare_peers.py --a ../swarmlm-before --b . [--model tiny] [--rounds 10] [--p2p a|b|both]
+The peers listen on loopback, so they serve direct connections by default; `--p2p` starts a side's peers with
+--no-direct (`--a . --b . --p2p a` compares p2p with direct connections on the same code). A checkout from before
+direct connections were the loopback default runs p2p without the flag (and does not know it).
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--peer-threads", type=int, default=1)
-    parser.add_argument("--direct", default="", choices=["", "a", "b", "both"],
-                        help="whose peers serve direct connections (e.g. --a . --b . --direct b: p2p against direct)")
+    parser.add_argument("--p2p", default="", choices=["", "a", "b", "both"],
+                        help="whose peers serve no direct connections (e.g. --a . --b . --p2p a: p2p against direct)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
@@ -73,10 +75,10 @@ def main() -> int:
             for side, root in (("A", args.a), ("B", args.b)):
                 env = dict(os.environ, SWARMLM_HOME=str(swarmlm_home()),
                            PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-                direct = args.direct in (side.lower(), "both")
-                dht_maddrs = start_swarm(nodes, path, Path(log_dir) / side, env, args.peer_threads, direct=direct)
+                p2p = args.p2p in (side.lower(), "both")
+                dht_maddrs = start_swarm(nodes, path, Path(log_dir) / side, env, args.peer_threads, p2p=p2p)
                 swarms[side] = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=dht_maddrs)
-                print(f"swarm {side} ready (peer code from {root}{', direct connections' if direct else ''})",
+                print(f"swarm {side} ready (peer code from {root}{', p2p only' if p2p else ''})",
                       flush=True)
             local = AutoModelForCausalLM.from_pretrained(path).eval()
             for round_ in range(args.rounds + 1):  # round 0 warms up

@@ -292,10 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     _network_args(p)
     p.add_argument("--dht-prefix", default=None, help="the model's name in the DHT (default: from --model)")
     p.add_argument("--public-name", default=None, help="a name shown in health reports")
-    p.add_argument("--direct", action="store_true",
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
                    help="also serve inference sessions and pushed steps over plain, unencrypted TCP (no p2p daemon "
-                        "on the path: less CPU per token; for local swarms and trusted LANs; printed as DIRECT "
-                        "HOST:PORT before READY)")
+                        "on the path: less latency and CPU per token; for local swarms and trusted LANs; printed as "
+                        "DIRECT HOST:PORT before READY). Default: on where every listen and announce address is "
+                        "loopback (127.x), off otherwise")
     p.add_argument("--direct-port", type=int, default=0,
                    help="TCP port of direct connections when they are on (default: any free port)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")

@@ -1,8 +1,9 @@
-"""Direct connections (plain TCP beside the p2p daemons, `swarmlm peer --direct`): used by clients and by pushing
-peers, refused on a bad hello, and replaced by p2p wherever they are off or fail.
+"""Direct connections (plain TCP beside the p2p daemons; on by default for loopback peers, `--direct` elsewhere):
+used by clients and by pushing peers, refused on a bad hello, and replaced by p2p wherever they are off or fail.
 
-One swarm: peers 0:3 and 3:5 serve direct connections, peer 5:8 does not (the default), so a route uses both
-transports for the client, 0:3 pushes into 3:5 directly and 3:5 pushes into 5:8 over p2p."""
+One swarm: peers 0:3 and 3:5 serve direct connections, peer 5:8 does not (`--no-direct`), so a route uses both
+transports for the client, 0:3 pushes into 3:5 directly and 3:5 pushes into 5:8 over p2p. (Sessions whose route is
+direct only, which step on their own event loop, run in the other test modules' swarms.)"""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ PROMPT = "def fibonacci(n):"
 @pytest.fixture(scope="module")
 def mixed_swarm(tiny_model_path):
     """dht, [direct peers 0:3 (with /metrics) and 3:5], the p2p-only peer 5:8."""
-    with running_swarm(DEFAULT_MODEL, ["0:3"], "--direct", "--metrics-port", "0") as (dht, peers):
+    with running_swarm(DEFAULT_MODEL, ["0:3"], "--metrics-port", "0") as (dht, peers):  # direct: the loopback default
         with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "3:5", "--direct") as second, \
-                start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "5:8") as plain:
+                start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "5:8", "--no-direct") as plain:
             yield dht, [peers[0], second], plain
 
 
@@ -184,8 +185,13 @@ def test_direct_connections_need_an_address_others_reach():
     def config(*maddrs, **kwargs) -> PeerConfig:
         return PeerConfig(model=DEFAULT_MODEL, blocks=(0, 1), new_swarm=True, host_maddrs=list(maddrs), **kwargs)
 
-    assert not config("/ip4/127.0.0.1/tcp/0").direct  # opt-in
-    config("/ip4/127.0.0.1/tcp/0", direct=True)
+    assert config("/ip4/127.0.0.1/tcp/0").serves_direct  # loopback only: on by default
+    assert not config("/ip4/127.0.0.1/tcp/0", direct=False).serves_direct
+    assert not config("/ip4/0.0.0.0/tcp/0").serves_direct  # reachable from other machines: opt-in
+    assert not config("/ip4/192.168.1.5/tcp/0").serves_direct
+    assert not config("/ip4/127.0.0.1/tcp/0", announce_maddrs=["/ip4/203.0.113.7/tcp/31337"]).serves_direct
+    assert not config("/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0").serves_direct  # direct connections are IPv4 only
+    assert config("/ip4/127.0.0.1/tcp/0", direct=True).serves_direct
     config("/ip4/0.0.0.0/tcp/0", direct=True, announce_maddrs=["/ip4/192.168.1.5/tcp/31337"])
     with pytest.raises(ValueError, match="--announce-maddrs"):
         config("/ip4/0.0.0.0/tcp/0", direct=True)

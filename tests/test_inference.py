@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import torch
@@ -40,7 +42,7 @@ def test_steps_go_from_peer_to_peer_and_match_the_client_relayed_ones(dist_model
         finally:
             dist_model.remote.config.peer_push = True
         assert remote.tolist() == local.tolist()
-        assert session.transports == ["p2p", "p2p"]  # direct connections are opt-in (test_direct.py)
+        assert session.transports == ["direct", "direct"]  # the loopback default (p2p: test_monitoring.py)
         if push:  # the push stream to the next peer opens during the first pushed step, then every step goes on it
             assert len(session.route) == 2 and session.pushed_steps >= 24 - 3, session.pushed_steps
         else:
@@ -138,8 +140,7 @@ def test_a_lost_push_costs_the_push_timeout_then_the_client_sends_the_step(dist_
 
     def lost_pushes(self, peer_id, span, direct_address=None):
         opened(self, peer_id, span, direct_address)
-        self.push_target = PushTarget(peer_id=peer_id, session_id="f" * 32,  # not this session's id
-                                      direct_address=direct_address)
+        self.push_target = PushTarget(peer_id=peer_id, session_id="f" * 32)  # not this session's id
 
     monkeypatch.setattr(InferenceStream, "__init__", lost_pushes)
     ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
@@ -176,3 +177,52 @@ def test_an_answer_of_the_wrong_shape_counts_as_a_peer_failure(dist_model, local
         remote = dist_model.generate(ids, session=session, **kwargs)
     assert remote.tolist() == local_model.generate(ids, **kwargs).tolist()
     assert session.failovers == 1
+
+
+def _free_cache_tokens(model) -> dict[str, int]:
+    from swarmlm.client.rpc import call_info
+
+    remote = model.remote
+    return {peer_id: remote.loop.run(call_info(remote.p2p, peer_id, 10.0)).free_cache_tokens
+            for peer_id in remote.manager.candidates()}
+
+
+def test_a_direct_route_steps_on_the_callers_thread(dist_model, local_model, tokenizer, monkeypatch):
+    """Both peers serve direct connections (the loopback default), so a session steps on its own event loop in the
+    caller's thread. Called from a thread that already runs an event loop (a notebook's), a new session steps on the
+    client's network thread instead, and a session begun elsewhere steps in a helper thread. Tokens equal the local
+    model's every time, and closed sessions free the peers' caches."""
+    from swarmlm.client.rpc import InferenceStream
+
+    receive, threads = InferenceStream.receive, []
+
+    async def noting_the_thread(self, step_id, timeout):
+        threads.append(threading.current_thread().name)
+        return await receive(self, step_id, timeout)
+
+    monkeypatch.setattr(InferenceStream, "receive", noting_the_thread)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    local = local_model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    free = _free_cache_tokens(dist_model)
+
+    assert dist_model.generate(ids, **kwargs).tolist() == local[:, :ids.shape[1] + 8].tolist()
+    assert set(threads) == {threading.current_thread().name}
+
+    async def in_a_notebook(session=None):
+        return dist_model.generate(None if session else ids, session=session, **kwargs)
+
+    threads.clear()
+    assert asyncio.run(in_a_notebook()).tolist() == local[:, :ids.shape[1] + 8].tolist()
+    assert set(threads) == {"swarmlm-client-rpc"}
+
+    with dist_model.inference_session(max_length=ids.shape[1] + 16) as session:
+        dist_model.generate(ids, session=session, **kwargs)
+        threads.clear()
+        assert asyncio.run(in_a_notebook(session)).tolist() == local.tolist()
+        assert len(set(threads)) == 1 and threads[0].startswith("swarmlm-session"), threads
+
+    deadline = time.monotonic() + 30
+    while _free_cache_tokens(dist_model) != free:  # the peers see the sessions' streams end
+        assert time.monotonic() < deadline, (_free_cache_tokens(dist_model), free)
+        time.sleep(0.05)

@@ -35,8 +35,9 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 
 @pytest.fixture(scope="module")
 def monitored_swarm(tiny_model_path):
-    """dht + peers 0:3 and 3:8 of the default model (with /metrics) + one peer of GAP_MODEL on blocks 0:3."""
-    common = ("--max-cache-tokens", str(MAX_CACHE))
+    """dht + peers 0:3 and 3:8 of the default model (with /metrics) + one peer of GAP_MODEL on blocks 0:3; all
+    p2p only (--no-direct), so that sessions over p2p streams run here (direct ones: the other modules' swarms)."""
+    common = ("--max-cache-tokens", str(MAX_CACHE), "--no-direct")
     with running_swarm(DEFAULT_MODEL, ["0:3", "3:8"], "--metrics-port", "0", "--throughput", str(THROUGHPUT),
                        *common) as (dht, peers):
         with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--dht-prefix", GAP_MODEL, "--blocks", "0:3",
@@ -94,7 +95,7 @@ def test_metrics_follow_a_session_through_the_swarm(monitored_swarm, model, toke
         assert delta("swarmlm_request_duration_seconds_count", kind="inference") == new  # prefill + new - 1 steps
         assert delta("swarmlm_rpc_sent_bytes_total", kind="inference") >= fed * HIDDEN * 4  # float32 hidden states
         assert delta("swarmlm_rpc_received_bytes_total", kind="inference") >= fed * HIDDEN * 4
-        assert delta("swarmlm_pushed_steps_total", transport="direct") == 0  # peers without --direct
+        assert delta("swarmlm_pushed_steps_total", transport="direct") == 0  # peers with --no-direct
         after = scrape_until(url, lambda s: value(s, "swarmlm_inference_sessions_active") == 0
                              and value(s, "swarmlm_kv_cache_used_tokens") == 0
                              and requests(s, "inference", "ok") == requests(b, "inference", "ok") + 1)

@@ -135,19 +135,30 @@ class InferenceStream:
     async def open(self, p2p: P2P, direct: bool = True) -> None:
         """Sends the session request, over the peer's direct address if it has one and `direct` (falling back to
         p2p if that fails); its answer is read with the first step (no extra round trip)."""
-        if direct and self.direct_address is not None:
-            try:
-                self._reader, self._writer = await connect(self.direct_address, self.peer_id, "inference")
-                self.direct = True
-            except Exception as e:
-                logger.info(f"No direct connection to {self.peer_id} at {self.direct_address} "
-                            f"({type(e).__name__}: {e}); using p2p")
-        if not self.direct:
-            try:
-                _, self._reader, self._writer = await p2p.call_binary_stream_handler(
-                    PeerID.from_base58(self.peer_id), SpanService._get_handle_name(None, "rpc_inference"))
-            except Exception as e:
-                raise RemotePeerError(self.peer_id, f"cannot open a session: {type(e).__name__}: {e}") from e
+        if not (direct and await self.open_direct()):
+            await self.open_p2p(p2p)
+
+    async def open_direct(self) -> bool:
+        """Opens the session on the peer's direct address; False (logged) if it has none or that fails."""
+        if self.direct_address is None:
+            return False
+        try:
+            self._reader, self._writer = await connect(self.direct_address, self.peer_id, "inference")
+        except Exception as e:
+            logger.info(f"No direct connection to {self.peer_id} at {self.direct_address} "
+                        f"({type(e).__name__}: {e}); using p2p")
+            return False
+        self.direct = True
+        self._write(stream_frame(runtime_pb2.ExpertRequest(metadata=pack(self.span))))
+        return True
+
+    async def open_p2p(self, p2p: P2P) -> None:
+        """Opens the session on a p2p stream; RemotePeerError if that fails."""
+        try:
+            _, self._reader, self._writer = await p2p.call_binary_stream_handler(
+                PeerID.from_base58(self.peer_id), SpanService._get_handle_name(None, "rpc_inference"))
+        except Exception as e:
+            raise RemotePeerError(self.peer_id, f"cannot open a session: {type(e).__name__}: {e}") from e
         self._write(stream_frame(runtime_pb2.ExpertRequest(metadata=pack(self.span))))
 
     def _write(self, frame: bytes) -> None:
@@ -218,3 +229,35 @@ class InferenceStream:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(END_OF_STREAM_FRAME)
             self._writer.close()
+
+
+class ForeignStream:
+    """An InferenceStream that lives on another event loop (the client's shared one, where p2p streams run),
+    driven from a session's own loop (see InferenceSession): each call is handed over to that loop."""
+
+    def __init__(self, stream: InferenceStream, loop: asyncio.AbstractEventLoop):
+        self.stream, self.loop = stream, loop
+        self.peer_id, self.span, self.push_target = stream.peer_id, stream.span, stream.push_target
+        self.direct = False
+
+    @property
+    def opened(self) -> bool:
+        return self.stream.opened
+
+    async def _there(self, coro: Awaitable[T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def open_p2p(self, p2p: P2P) -> None:
+        await self._there(self.stream.open_p2p(p2p))
+
+    def send(self, *args, **kwargs) -> None:
+        async def send():
+            self.stream.send(*args, **kwargs)
+
+        asyncio.run_coroutine_threadsafe(send(), self.loop).result()  # raises what send raises (a closed stream)
+
+    async def receive(self, step_id: int, timeout: float) -> tuple[torch.Tensor, bool]:
+        return await self._there(self.stream.receive(step_id, timeout))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stream.close)

@@ -66,6 +66,14 @@ def _first_ip4(maddrs: list[str]) -> Optional[str]:
     return None
 
 
+def loopback_only(host_maddrs: list[str], announce_maddrs: list[str]) -> bool:
+    """Whether every listen and announce address is an IPv4 loopback one (127.x): direct connections there reach
+    no other machine, so peers serve them by default (PeerConfig.serves_direct)."""
+    addresses = [*host_maddrs, *announce_maddrs]
+    hosts = [_first_ip4([maddr]) for maddr in addresses]
+    return bool(addresses) and all(host is not None and ipaddress.IPv4Address(host).is_loopback for host in hosts)
+
+
 def direct_hosts(host_maddrs: list[str], announce_maddrs: list[str]) -> tuple[str, str]:
     """(host to listen on, host to announce) for direct connections: the first /ip4 of the listen addresses,
     announced as the first /ip4 of the announce addresses if any. ValueError where there is none to announce."""

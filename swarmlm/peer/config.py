@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from swarmlm.experts.direct import direct_hosts
+from swarmlm.experts.direct import direct_hosts, loopback_only
 from swarmlm.training.span_trainer import SpanTrainingConfig
 
 
@@ -22,8 +22,8 @@ class PeerConfig:
     identity_path: Optional[str] = None  # libp2p private key file: a stable peer id across restarts
     use_nat_port_map: bool = False  # ask the gateway for a port mapping (NAT-PMP/UPnP); never on loopback
     use_relay: bool = True  # allow libp2p circuit relays (peers behind NAT)
-    direct: bool = False  # also serve inference sessions and pushes over plain TCP (unencrypted: local swarms and
-    # trusted LANs; see swarmlm.experts.direct)
+    direct: Optional[bool] = None  # also serve inference sessions and pushes over plain TCP (unencrypted: local
+    # swarms and trusted LANs; see swarmlm.experts.direct); None: only where every address is loopback (`serves_direct`)
     direct_port: int = 0  # TCP port of direct connections (0: any free port)
     dht_prefix: Optional[str] = None  # the model's name in the DHT (default: resolved model name)
     public_name: Optional[str] = None  # a human-readable name shown in health reports
@@ -44,6 +44,12 @@ class PeerConfig:
     metrics_port: Optional[int] = None  # serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port)
     metrics_host: str = "127.0.0.1"  # where the metrics endpoint listens (0.0.0.0 to let other machines scrape)
     training: Optional[SpanTrainingConfig] = None  # train the hosted blocks with their replicas; None: frozen weights
+
+    @property
+    def serves_direct(self) -> bool:
+        """Whether the peer serves direct connections: as `direct` says, or by default where it listens and
+        announces on loopback only (plain TCP there reaches no other machine)."""
+        return self.direct if self.direct is not None else loopback_only(self.host_maddrs, self.announce_maddrs)
 
     def __post_init__(self):
         if (self.blocks is None) == (self.num_blocks is None):

@@ -74,7 +74,7 @@ class Peer:
         self.metrics = PeerMetrics()  # shown at /metrics; training counts its averaging rounds here too
         self.metrics_server: Optional[HttpService] = None  # started by start() when config.metrics_port is set
         self.model_record: Optional[ModelRecord] = None  # what this peer registers about its model
-        self.direct_address: Optional[str] = None  # "host:port" of direct connections, when served (config.direct)
+        self.direct_address: Optional[str] = None  # "host:port" of direct connections, when served (config.serves_direct)
 
     # ---- start ------------------------------------------------------------------------------------
 
@@ -188,7 +188,7 @@ class Peer:
         c = self.config
         self._p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self._p2p)
-        if c.direct:
+        if c.serves_direct:
             bind, announce = direct_hosts(c.host_maddrs, c.announce_maddrs)
             self.direct_address = await self.handler.serve_direct(bind, c.direct_port, announce)
             logger.info(f"Serving direct connections at {self.direct_address} (plain TCP)")
