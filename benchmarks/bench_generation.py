@@ -9,7 +9,7 @@ of the whole generate() call, prompt prefill included), together with the ratio
 swarm/local (and the lowest and highest ratio of one alternating pair: the run's noise) and the per-token
 overhead of the swarm in ms: (1/swarm - 1/local) * 1000. It also checks that both produce the same tokens.
 To compare two versions of the peer code, use compare_peers.py: separate runs of this script differ by
-up to 0.5 ms/token on a shared machine.
+up to 2 ms/token on a shared machine.
 
 `--device cuda --torch-dtype bfloat16` runs the peers' blocks and the local baseline model on that
 device and dtype (the swarm client itself, embeddings and LM head, stays on the CPU in float32);

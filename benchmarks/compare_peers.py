@@ -1,6 +1,6 @@
 """Compares two versions of the peer code on greedy generation speed, in one run on one machine.
 
-Separate runs of bench_generation.py differ by up to 0.5 ms/token on a shared machine, more than most
+Separate runs of bench_generation.py differ by up to 2 ms/token on a shared machine, more than most
 single changes save. This script starts two swarms side by side (a DHT node and peers 0:4 and 4:8 each,
 as bench_generation.py does): swarm A's processes import `swarmlm` from checkout A, swarm B's from
 checkout B (PYTHONPATH). One client (this checkout's code) then generates through A, through B and with

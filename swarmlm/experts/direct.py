@@ -1,14 +1,15 @@
 """Direct connections: inference sessions and pushed steps over plain TCP, beside the p2p daemons.
 
-A peer that serves them (PeerConfig.direct, `swarmlm peer --direct`; off by default) says where in its rpc_info answer (PeerInfo.direct_address). That answer comes over p2p, which authenticates
-the peer, so an address is never taken from a DHT record or a client (anyone can write those). Clients
-(ClientConfig.direct_connections) and peers that push steps and serve direct connections themselves connect
-there instead of through the p2p daemons, and fall back to p2p when the connection fails. The messages are
-the same frames as on the p2p streams (`stream_frame` / `read_frame`), so the peer serves both with the same
-code; a message skips the two daemon hops. Measured on a 2-core VM with a local swarm: 10-20% less CPU per
-generated token, but no clear latency gain (paired runs: tiny model 0.3 ms/token slower, large 0.2-0.65 ms/token
-faster; the p2p daemons' own threads may keep the cores awake, which makes wakeups faster). Off by default: the
-TCP is plain.
+A peer serves them where every listen and announce address is loopback (PeerConfig.serves_direct: plain TCP there
+reaches no other machine), or anywhere with `swarmlm peer --direct`; it says where in its rpc_info answer
+(PeerInfo.direct_address). That answer comes over p2p, which authenticates the peer, so an address is never taken
+from a DHT record or a client (anyone can write those). Clients (ClientConfig.direct_connections) and peers that
+push steps and serve direct connections themselves connect there instead of through the p2p daemons, and fall back
+to p2p when the connection fails. The messages are the same frames as on the p2p streams (`stream_frame` /
+`read_frame`), so the peer serves both with the same code; a message skips the two daemon hops. Measured on a 2-core
+VM with a local swarm: 10-20% less CPU per generated token, and 1.2 ms/token less latency on the tiny benchmark
+model (30 paired rounds, direct faster in 24), part of it from the client stepping an all-direct route on its own
+event loop (swarmlm.client.session).
 
 Plain TCP: not encrypted, and the peer is identified only by its hello line. For local swarms and trusted
 LANs only; the p2p daemons stay the transport for everything else (DHT, forward/backward, other swarms).
