@@ -226,3 +226,40 @@ def test_a_direct_route_steps_on_the_callers_thread(dist_model, local_model, tok
     while _free_cache_tokens(dist_model) != free:  # the peers see the sessions' streams end
         assert time.monotonic() < deadline, (_free_cache_tokens(dist_model), free)
         time.sleep(0.05)
+
+
+def test_an_interrupted_direct_step_ends_its_session(dist_model, tokenizer, monkeypatch):
+    """Ctrl-C while a session steps on its own loop (the answer is late here) cancels the step and closes the
+    session: further steps say so, and the peers free its caches."""
+    import os
+    import signal
+
+    import pytest
+
+    from swarmlm.client.rpc import InferenceStream
+    from swarmlm.errors import SwarmError
+
+    receive, waiting = InferenceStream.receive, threading.Event()
+
+    async def late_answer(self, step_id, timeout):
+        if step_id == 3:
+            waiting.set()
+            await asyncio.sleep(60)
+        return await receive(self, step_id, timeout)
+
+    monkeypatch.setattr(InferenceStream, "receive", late_answer)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    free = _free_cache_tokens(dist_model)
+    interrupt = threading.Thread(target=lambda: waiting.wait(30) and os.kill(os.getpid(), signal.SIGINT))
+    interrupt.start()
+    with dist_model.inference_session(max_length=ids.shape[1] + 8) as session:
+        with pytest.raises(KeyboardInterrupt):
+            dist_model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, session=session)
+        interrupt.join()
+        assert session.closed and waiting.is_set()
+        with pytest.raises(SwarmError, match="closed"):
+            dist_model.generate(ids, max_new_tokens=2, session=session)
+    deadline = time.monotonic() + 30
+    while _free_cache_tokens(dist_model) != free:
+        assert time.monotonic() < deadline, (_free_cache_tokens(dist_model), free)
+        time.sleep(0.05)

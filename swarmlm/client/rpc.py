@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import secrets
@@ -235,6 +236,8 @@ class ForeignStream:
     """An InferenceStream that lives on another event loop (the client's shared one, where p2p streams run),
     driven from a session's own loop (see InferenceSession): each call is handed over to that loop."""
 
+    HANDOVER_TIMEOUT = 30.0  # seconds for the other loop to take a step (it is stopped only when the client closes)
+
     def __init__(self, stream: InferenceStream, loop: asyncio.AbstractEventLoop):
         self.stream, self.loop = stream, loop
         self.peer_id, self.span, self.push_target = stream.peer_id, stream.span, stream.push_target
@@ -254,7 +257,11 @@ class ForeignStream:
         async def send():
             self.stream.send(*args, **kwargs)
 
-        asyncio.run_coroutine_threadsafe(send(), self.loop).result()  # raises what send raises (a closed stream)
+        try:  # raises what send raises (a closed stream)
+            asyncio.run_coroutine_threadsafe(send(), self.loop).result(self.HANDOVER_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise RemotePeerError(self.peer_id, "the client's network thread did not take the step (is the client "
+                                                "closed?)") from None
 
     async def receive(self, step_id: int, timeout: float) -> tuple[torch.Tensor, bool]:
         return await self._there(self.stream.receive(step_id, timeout))
