@@ -56,11 +56,12 @@ def tokenizer(tiny_model_path):
 
 
 @contextlib.contextmanager
-def client_model(dht):
-    """The default model's distributed client joined through `dht` (a NodeProcess), closed on exit."""
+def client_model(initial_peers: list[str], **client_kwargs):
+    """The default model's distributed client joined through `initial_peers` (ClientConfig fields in
+    `client_kwargs`), closed on exit."""
     from swarmlm import AutoDistributedModelForCausalLM
 
-    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=dht.maddrs)
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=initial_peers, **client_kwargs)
     try:
         yield model
     finally:
@@ -69,5 +70,5 @@ def client_model(dht):
 
 @pytest.fixture(scope="module")
 def dist_model(swarm):
-    with client_model(swarm[0]) as model:
+    with client_model(swarm[0].maddrs) as model:
         yield model

@@ -37,7 +37,7 @@ def mixed_swarm(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def model(mixed_swarm):
-    with client_model(mixed_swarm[0]) as model:
+    with client_model(mixed_swarm[0].maddrs) as model:
         yield model
 
 

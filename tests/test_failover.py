@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from conftest import running_swarm
+from conftest import client_model, running_swarm
 from swarm_processes import start_peer
 from swarmlm.models.embedded import DEFAULT_MODEL
 
@@ -75,12 +75,8 @@ def replicas(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def client(replicas):
-    from swarmlm import AutoDistributedModelForCausalLM
-
-    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=[replicas.dht_maddr],
-                                                            request_timeout=15.0)
-    yield model
-    model.close()
+    with client_model([replicas.dht_maddr], request_timeout=15.0) as model:
+        yield model
 
 
 @pytest.fixture(autouse=True)

@@ -47,7 +47,7 @@ def monitored_swarm(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def model(monitored_swarm):
-    with client_model(monitored_swarm[0]) as model:
+    with client_model(monitored_swarm[0].maddrs) as model:
         yield model
 
 

@@ -6,7 +6,7 @@ session bans it, opens sessions for exactly its blocks on a replacement route, r
 hop's whole input history through them and continues; later hops never notice.
 
 A session whose route runs on direct connections only (swarmlm.experts.direct) steps on its own event loop
-in the caller's thread: a token then costs no hand-off to the client's network thread and back (about 0.3 ms
+in the caller's thread: a token then costs no hand-off to the client's network thread and back (about 0.15 ms
 per token on a 2-core machine). Other sessions step on that shared thread, where the p2p streams live.
 """
 
@@ -26,7 +26,6 @@ from swarmlm.client.rpc import ForeignStream, InferenceStream
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
 from swarmlm.experts.protocol import PushTarget
-from swarmlm.utils.aio import new_event_loop
 
 logger = logging.getLogger(__name__)
 
