@@ -54,12 +54,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample")
     parser.add_argument("--seed", type=int, default=0, help="the order of the samples")
     parser.add_argument("--log-every", type=int, default=10, help="print the mean loss every N micro-batches")
+    parser.add_argument("--request-timeout", type=float, default=120.0,
+                        help="seconds to wait for one forward/backward call: a call that arrives while the peers "
+                             "average waits for it (up to twice their --averaging-timeout); a peer counts a "
+                             "micro-batch only if it answers within this time")
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model).path)
     samples = help_text_samples(tokenizer, args.seq_len)
     order = torch.Generator().manual_seed(args.seed)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers)
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
+                                                            request_timeout=args.request_timeout)
     model.requires_grad_(False)  # only the peers' blocks train
     try:
         losses = []

@@ -97,9 +97,11 @@ class RemoteSequential:
         return self.loop.run(self._backward_chain(hops, grad, position_ids, mask, prompts))
 
     def _hop_request(self, hop: RouteHop, prompts) -> tuple[SpanRequest, Optional[torch.Tensor]]:
-        if prompts is None:
-            return self.span_request(hop), None
-        return self.span_request(hop, prompt_tokens=prompts.shape[1]), prompts[hop.start:hop.end]
+        """The SpanRequest of a forward/backward call through `hop` (it tells the peer how long we wait), with
+        the hop's slice of the deep prompts."""
+        request = self.span_request(hop, timeout=self.config.request_timeout,
+                                    prompt_tokens=prompts.shape[1] if prompts is not None else 0)
+        return request, (prompts[hop.start:hop.end] if prompts is not None else None)
 
     async def forward_blocks(self, hidden, position_ids, mask, start: int, end: int, prompts=None):
         """Forward through blocks [start, end), hop by hop; a failed hop is retried from its first block."""

@@ -47,6 +47,9 @@ class SpanRequest(_Wire):
     prompt_tokens: int = Field(default=0, ge=0)  # forward/backward: deep prompts for the first N positions follow
     session_id: Optional[str] = Field(default=None, min_length=16, max_length=64)  # inference: lets the previous
     # peer of the route push steps into this session (see PushTarget); a secret shared only with that peer
+    timeout: Optional[float] = Field(default=None, gt=0, allow_inf_nan=False)  # forward/backward: seconds the caller
+    # waits for the answer; the peer gives up sooner (CALLER_TIMEOUT_SHARE), and a training peer counts a backward
+    # call's parameter gradients only if it answers (a caller that gave up retries on another peer)
     version: int = PROTOCOL_VERSION
 
 

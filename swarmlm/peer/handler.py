@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from contextlib import aclosing
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
@@ -65,6 +67,8 @@ MAX_WAITING_PUSHES = 8  # pushed steps a session holds before it drops more
 MAX_WAITING_STEPS = 8  # steps from its caller a session holds unread before it stops reading the caller's stream
 PUSH_RETRY_SECONDS = 30.0  # a push stream that failed is re-opened no sooner than this after it was opened
 PUSH_IDLE_SECONDS = 300.0  # a push stream unused this long is closed (checked while pushing, every 30 s)
+CALLER_TIMEOUT_SHARE = 0.9  # a forward/backward call gives up after this share of its caller's timeout (the rest
+# is for the answer's way back), so that a training peer never counts a micro-batch whose caller retried elsewhere
 
 
 @dataclass(frozen=True)
@@ -237,13 +241,31 @@ class SpanHandler(SpanService):
         return (self.trainer is None and self.device.type == "cpu" and hidden.shape[0] * hidden.shape[1] <= INLINE_MAX_TOKENS
                 and num_blocks * self.small_step_block_seconds <= INLINE_STEP_SECONDS)
 
-    async def _run(self, fn, *args):
-        """Runs `fn` on the compute thread under the request timeout."""
+    async def _run(self, fn, *args, timeout: Optional[float] = None, counting: Optional["_Counting"] = None):
+        """Runs `fn` on the compute thread under `timeout` (default: the request timeout). With `counting` (passed
+        on to `fn`), a job that runs out of time, or whose caller goes away, counts nothing: unless `fn` already
+        began counting, then its result is awaited and answered (see _Counting)."""
         loop = asyncio.get_running_loop()
+        timeout = self.limits.request_timeout if timeout is None else timeout
+        job = loop.run_in_executor(self.compute, fn if counting is None else partial(fn, counting=counting), *args)
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self.compute, fn, *args), self.limits.request_timeout)
+            return await asyncio.wait_for(job if counting is None else asyncio.shield(job), timeout)
         except asyncio.TimeoutError:
-            raise RequestError(f"the step took longer than the peer's timeout of {self.limits.request_timeout} s") from None
+            if counting is None or counting.abandon():
+                raise RequestError(f"the request took longer than its timeout of {timeout:.3g} s (the peer's "
+                                   f"request timeout, or less if the caller waits less)") from None
+            return await job  # it is counting its gradients already: they go back to the caller
+        except asyncio.CancelledError:
+            if counting is not None:
+                counting.abandon()
+            raise
+
+    def _timeout(self, meta: SpanRequest) -> float:
+        """Seconds a forward/backward call may take here: the peer's request timeout, or CALLER_TIMEOUT_SHARE of
+        the caller's if that is shorter."""
+        if meta.timeout is None:
+            return self.limits.request_timeout
+        return min(self.limits.request_timeout, meta.timeout * CALLER_TIMEOUT_SHARE)
 
     async def _span_request(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
         """The one message of a stateless call -> (request, its SpanRequest, the span it runs on (a later move
@@ -288,7 +310,8 @@ class SpanHandler(SpanService):
     async def _answer_forward(self, request, meta: SpanRequest, span: BlockSpan, first: int, last: int):
         tensors, prompts = self._parse_prompts(request.tensors, meta.prompt_tokens, last - first)
         hidden, _, position_ids, mask = self._parse_inputs(tensors, prompts=prompts)
-        output = await self._run(self._forward, span, hidden, position_ids, mask, first, last, prompts)
+        output = await self._run(self._forward, span, hidden, position_ids, mask, first, last, prompts,
+                                 timeout=self._timeout(meta))
         yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
 
     def _forward(self, span, hidden, position_ids, mask, first, last, prompts=None):
@@ -307,12 +330,15 @@ class SpanHandler(SpanService):
         hidden, grad, position_ids, mask = self._parse_inputs(tensors, expect_grad=True, prompts=prompts)
         if self.trainer is not None and not all_finite(grad):
             raise RequestError("grad_outputs must be finite (this peer trains its blocks with them)")
-        grads = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last, prompts)
+        grads = await self._run(self._backward, span, hidden, grad, position_ids, mask, first, last, prompts,
+                                timeout=self._timeout(meta), counting=_Counting() if self.trainer is not None else None)
         yield runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grads])
 
-    def _backward(self, span, hidden, grad, position_ids, mask, first, last, prompts=None) -> list[torch.Tensor]:
+    def _backward(self, span, hidden, grad, position_ids, mask, first, last, prompts=None,
+                  counting: Optional["_Counting"] = None) -> list[torch.Tensor]:
         """-> [grad of hidden] (+ [grad of prompts] when deep prompts were sent). On a training peer, the
-        gradients of the span's parameters go to the trainer (the micro-batch counts hidden.shape[0] samples)."""
+        gradients of the span's parameters go to the trainer (the micro-batch counts hidden.shape[0] samples),
+        unless `counting` says that the request gave up meanwhile (its caller retries elsewhere)."""
         trainer = self.trainer if self.trainer is not None and span is self.trainer.span else None
         params = trainer.parameters if trainer is not None else []
         with torch.enable_grad():
@@ -323,7 +349,11 @@ class SpanHandler(SpanService):
                           prompts=inputs[1] if prompts is not None else None)
             grads = torch.autograd.grad(output, inputs + params, grad, allow_unused=bool(params))
         if trainer is not None:
-            trainer.accumulate(grads[len(inputs):], batch_size=hidden.shape[0])  # blocks outside [first, last): None
+            if counting is not None and not counting.begin():
+                logger.info(f"Dropped the parameter gradients of a micro-batch of {hidden.shape[0]}: its request "
+                            f"gave up before they were ready")
+            else:
+                trainer.accumulate(grads[len(inputs):], batch_size=hidden.shape[0])  # blocks outside [first, last): None
         return [g.float() for g in grads[:len(inputs)]]
 
     # ---- live state ----------------------------------------------------------------------------------
@@ -582,6 +612,31 @@ class SpanHandler(SpanService):
         for stream in self._push_streams.values():
             stream.close()
         self.compute.shutdown(wait=False, cancel_futures=True)
+
+
+class _Counting:
+    """Decides once, between a backward job on the compute thread and its request on the event loop, whether
+    the job's parameter gradients count: the job calls `begin` right before it counts them, the request calls
+    `abandon` when it runs out of time or its caller goes away; whichever comes first wins. So a micro-batch is
+    counted only by a peer that answers it (a caller that got no answer retries it on another peer)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counted: Optional[bool] = None
+
+    def begin(self) -> bool:
+        """The job may count its gradients (True), or the request gave up (False)."""
+        with self._lock:
+            if self._counted is None:
+                self._counted = True
+            return self._counted
+
+    def abandon(self) -> bool:
+        """The job will count nothing (True), or it began counting already (False: its answer must follow)."""
+        with self._lock:
+            if self._counted is None:
+                self._counted = False
+            return not self._counted
 
 
 @dataclass
