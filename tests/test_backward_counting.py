@@ -136,6 +136,7 @@ def test_a_backward_call_past_its_callers_timeout_counts_nothing(span, caplog):
                 asyncio.run(backward_call(handler, span, caller_timeout=0.5))
         assert trainer.counted == []
         assert "Dropped the parameter gradients of a micro-batch of 2" in caplog.text
+        assert handler.metrics.registry.get_sample_value("swarmlm_dropped_micro_batches_total") == 1
         asyncio.run(backward_call(handler, span, caller_timeout=30.0))  # the peer keeps serving and counting
         assert len(trainer.counted) == 1
 

@@ -67,6 +67,10 @@ class PeerMetrics:
             "swarmlm_announced_throughput_tokens_per_second", "Throughput this peer announces, tokens/s per block",
             registry=r)
         self._dht_peers = dht_peers_gauge(r, "refreshed at every announcement")
+        self._dropped = Counter(
+            "swarmlm_dropped_micro_batches", "Micro-batches whose parameter gradients this training peer dropped "
+            "because their backward call gave up first (timed out, or the caller left): the caller retries them "
+            "elsewhere", registry=r)
         self.averaging = AveragingMetrics(r)  # a training peer's rounds (all zero on other peers)
         for kind in RPC_KINDS:  # every series exists from the start, so rate() sees the first event
             self._latency.labels(kind)
@@ -91,6 +95,10 @@ class PeerMetrics:
         _check(kind, RPC_KINDS, "kind")
         self._tokens.labels(kind).inc(tokens)
         self._latency.labels(kind).observe(seconds)
+
+    def micro_batch_dropped(self) -> None:
+        """A training peer dropped a micro-batch's parameter gradients (its backward call gave up first)."""
+        self._dropped.inc()
 
     def step_pushed(self, transport: str) -> None:
         """An inference step's output went on to the next peer over `transport` (direct or p2p)."""

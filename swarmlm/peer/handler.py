@@ -350,6 +350,7 @@ class SpanHandler(SpanService):
             grads = torch.autograd.grad(output, inputs + params, grad, allow_unused=bool(params))
         if trainer is not None:
             if counting is not None and not counting.begin():
+                self.metrics.micro_batch_dropped()
                 logger.info(f"Dropped the parameter gradients of a micro-batch of {hidden.shape[0]}: its request "
                             f"gave up before they were ready")
             else:
