@@ -1,19 +1,18 @@
-# A swarmlm volunteer peer.
+# A swarmlm volunteer peer, with the tested dependency set (requirements.lock, hash-checked).
 #   docker build -t swarmlm .
 #   docker run --rm -p 31337:31337 -v ~/.cache/huggingface:/root/.cache/huggingface swarmlm \
 #       --model swarmlm-tiny-llama --num-blocks 4 --initial-peers /ip4/HOST/tcp/PORT/p2p/PEERID \
 #       --host-maddrs /ip4/0.0.0.0/tcp/31337 --announce-maddrs /ip4/PUBLIC_IP/tcp/31337
-# GPU hosts: build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 and run with --gpus all --device cuda.
+# torch is the CPU build by default; GPU hosts: build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# and run with --gpus all --device cuda.
 FROM python:3.11-slim
 
-ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
-
 WORKDIR /opt/swarmlm
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
+COPY scripts ./scripts
 COPY swarmlm ./swarmlm
-RUN pip install --no-cache-dir .
+RUN PYTHON=python TORCH_INDEX="${TORCH_INDEX}" bash scripts/install.sh && rm -rf /root/.cache/pip
 
 EXPOSE 31337
 ENTRYPOINT ["swarmlm", "peer"]

@@ -1,8 +1,9 @@
 """`swarmlm demo`: a whole local swarm on the embedded model, no downloads.
 
 Starts a bootstrap DHT node and N peers as separate processes on 127.0.0.1 (each hosting part of
-the blocks), generates through them with the Python client, prints the text, the route and
-tokens/s, and shuts everything down.
+the blocks), generates through them with the Python client, prints the text, the route (peer -> blocks) and
+tokens/s, checks the text against the local transformers model with the same weights, and shuts
+everything down. Exits 1 if the route does not cover every block or the text differs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _spans(num_blocks: int, num_peers: int) -> list[tuple[int, int]]:
 
 
 def run_demo(num_peers: int = 2, max_new_tokens: int = 32, prompt: str = "", model: str = "") -> int:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from swarmlm.client.model import AutoDistributedModelForCausalLM
     from swarmlm.models.checkpoint import resolve_model
@@ -79,7 +80,8 @@ def run_demo(num_peers: int = 2, max_new_tokens: int = 32, prompt: str = "", mod
         print(f"Generated: {tokenizer.decode(outputs[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
         print(f"\n{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s "
               f"(the embedded model has random weights: the text is not meaningful)")
-        return 0
+        return _check_against_local(AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32),
+                                    inputs, outputs, route, num_blocks, max_new_tokens)
     finally:
         for proc in reversed(processes):
             if proc.poll() is None:
@@ -90,6 +92,27 @@ def run_demo(num_peers: int = 2, max_new_tokens: int = 32, prompt: str = "", mod
             except subprocess.TimeoutExpired:
                 proc.kill()
         print("Swarm stopped.", flush=True)
+
+
+def _check_against_local(local_model, inputs, outputs, route, num_blocks: int, max_new_tokens: int) -> int:
+    """0 if the route covered blocks [0, num_blocks) in order and the swarm's tokens equal the local model's greedy
+    tokens; otherwise prints what is wrong and returns 1."""
+    covered = 0
+    for (_, start, end), _ in route:
+        if start != covered:
+            break
+        covered = end
+    if covered != num_blocks:
+        print(f"\nCheck FAILED: the session's route covers blocks 0:{covered}, not 0:{num_blocks}", flush=True)
+        return 1
+    with torch.inference_mode():
+        expected = local_model.eval().generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                               do_sample=False)
+    if expected.tolist() != outputs.tolist():
+        print("\nCheck FAILED: the swarm's tokens differ from the local model's with the same weights", flush=True)
+        return 1
+    print("Check: identical to the local transformers model with the same weights", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

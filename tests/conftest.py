@@ -36,8 +36,8 @@ def running_swarm(model: str, spans: list[str], *peer_args: str):
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model_path):
-    """dht + two peers serving blocks 0:3 and 3:8 of the default model."""
-    with running_swarm(DEFAULT_MODEL, ["0:3", "3:8"]) as (dht, peers):
+    """dht + two peers serving blocks 0:3 and 3:8 of the default model (each serving /metrics)."""
+    with running_swarm(DEFAULT_MODEL, ["0:3", "3:8"], "--metrics-port", "0") as (dht, peers):
         yield dht, peers
 
 

@@ -19,6 +19,7 @@ from swarmlm.errors import MissingBlocksError
 from swarmlm.models.embedded import DEFAULT_MODEL
 
 
+@pytest.mark.canary
 def test_generate_command_streams_the_local_models_text(swarm, local_model, tokenizer):
     dht, _ = swarm
     prompt = "The import statement"
@@ -31,6 +32,7 @@ def test_generate_command_streams_the_local_models_text(swarm, local_model, toke
     ids = tokenizer(prompt, return_tensors="pt")
     expected = local_model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert tokenizer.decode(expected[0]) in result.stdout
+    assert "deprecat" not in result.stderr.lower(), result.stderr  # the client's side of transformers' renames
 
 
 def test_sigterm_announces_offline_before_exit(swarm, dist_model):

@@ -109,7 +109,8 @@ def expected(local_model, prompt_ids):
     return local_model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 
 
-@pytest.mark.parametrize("step,block", [(0, 1), (NEW_TOKENS // 2, 6), (NEW_TOKENS - 2, 1)],
+@pytest.mark.parametrize("step,block", [(0, 1), pytest.param(NEW_TOKENS // 2, 6, marks=pytest.mark.canary),
+                                        (NEW_TOKENS - 2, 1)],
                          ids=["first-step", "middle", "last-step"])
 def test_generation_survives_a_killed_peer(client, replicas, prompt_ids, expected, step, block):
     with client.inference_session(max_length=prompt_ids.shape[1] + NEW_TOKENS) as session:

@@ -6,7 +6,9 @@ import asyncio
 import threading
 import time
 
+import pytest
 import torch
+from metrics_scrape import metrics_url, scrape, scrape_until, value
 
 PROMPTS = ["Python supports several kinds of", "A class definition"]
 
@@ -26,6 +28,34 @@ def test_greedy_generation_token_identical(dist_model, local_model, tokenizer):
     local = local_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert remote.shape[1] == ids.shape[1] + 24
     assert remote.tolist() == local.tolist()
+
+
+def _served(samples: dict, kind: str) -> tuple[float, float]:
+    """(calls or steps answered, tokens processed) of `kind` in one scrape of a peer's metrics."""
+    return (value(samples, "swarmlm_request_duration_seconds_count", kind=kind),
+            value(samples, "swarmlm_processed_tokens_total", kind=kind))
+
+
+@pytest.mark.canary
+def test_generate_makes_one_prefill_then_one_token_session_steps(swarm, dist_model, local_model, tokenizer):
+    """generate() of N new tokens costs every peer of the route one prefill of the prompt and N - 1 one-token
+    steps of its session, and no stateless forward call: if a transformers release stops handing the session's
+    cache to the model (as the `past_key_values` -> `cache` rename of 5.24 did), this fails instead of generation
+    quietly re-sending the whole prefix at every token."""
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    prompt, n = ids.shape[1], 10
+    urls = [metrics_url(peer) for peer in swarm[1]]
+    before = [scrape(url) for url in urls]
+    remote = dist_model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    assert remote.tolist() == local_model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).tolist()
+    for url, old in zip(urls, before):
+        # a peer counts a step when it has sent the answer: wait until it counted the last one
+        new = scrape_until(url, lambda s: _served(s, "inference")[0] >= _served(old, "inference")[0] + n)
+        steps, tokens = (a - b for a, b in zip(_served(new, "inference"), _served(old, "inference")))
+        assert (steps, tokens) == (n, prompt + n - 1), url
+        assert _served(new, "forward") == _served(old, "forward"), url
+    for peer in swarm[1]:  # the peers' side of transformers' renames
+        assert "deprecat" not in peer.stderr.lower(), peer.stderr
 
 
 def test_steps_go_from_peer_to_peer_and_match_the_client_relayed_ones(dist_model, local_model, tokenizer):

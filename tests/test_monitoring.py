@@ -233,8 +233,8 @@ def find_browser() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.fail("no chromium found: the health page test needs a headless browser; run scripts/install.sh "
-                "(it runs `apt-get install -y chromium`) or install chromium yourself")
+    pytest.fail("no chromium found: the health page test needs a headless browser; run scripts/install-test-deps.sh "
+                "(`make test` runs it: it apt-get installs chromium) or install chromium yourself")
 
 
 def test_health_page_shows_the_swarm_in_a_headless_browser(monitored_swarm):

@@ -24,6 +24,7 @@ from swarmlm.client.session import InferenceSession
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.errors import SwarmError
 from swarmlm.experts.families import family_for_config
+from swarmlm.experts.hf_compat import cache_argument, output_cache_field, pop_cache
 from swarmlm.models.checkpoint import load_tensors, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class DistributedCausalLMMixin:
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,  # [batch, past + seq]
         position_ids: Optional[torch.LongTensor] = None,  # [batch, seq]
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,  # a RemoteCache during generate(); also taken as `past_key_values`
         inputs_embeds: Optional[torch.Tensor] = None,  # [batch, seq, hidden]
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
@@ -76,7 +77,8 @@ class DistributedCausalLMMixin:
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        session_cache = past_key_values if isinstance(past_key_values, RemoteCache) else None
+        cache = pop_cache(kwargs, cache)  # transformers < 5.24 passes it as `past_key_values`
+        session_cache = cache if isinstance(cache, RemoteCache) else None
         past = session_cache.session.position if session_cache is not None else 0  # prefix included
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError("only 2D attention masks [batch, past + seq] are supported")
@@ -114,7 +116,7 @@ class DistributedCausalLMMixin:
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{output_cache_field(CausalLMOutputWithPast): cache})
 
     # ---- sessions and generation ---------------------------------------------------------------------
 
@@ -147,8 +149,9 @@ class DistributedCausalLMMixin:
                 if max_new is None:
                     max_new = kwargs.get("max_length", self.generation_config.max_length) - inputs.shape[1]
                 session = stack.enter_context(self.inference_session(inputs.shape[1] + max(max_new, 0)))
-            outputs = super().generate(inputs, *args, attention_mask=attention_mask,
-                                       past_key_values=RemoteCache(session), **kwargs)
+            # generate() hands the cache on to prepare_inputs_for_generation, under that method's name for it
+            remote_cache = cache_argument(type(self).prepare_inputs_for_generation, RemoteCache(session))
+            outputs = super().generate(inputs, *args, attention_mask=attention_mask, **remote_cache, **kwargs)
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         added = sequences.shape[1] - inputs.shape[1]
         session.output_ids = sequences

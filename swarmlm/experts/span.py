@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 from swarmlm.experts.cache import SpanCache
 
 from swarmlm.experts.families import MASK_FUNCTIONS, ModelFamily
+from swarmlm.experts.hf_compat import cache_argument
 
 
 class BlockSpan(nn.Module):
@@ -50,15 +51,11 @@ class BlockSpan(nn.Module):
     ) -> torch.Tensor:  # [batch, seq, hidden]
         """With `prompts`, block j first adds prompts[j] to the hidden states of the first prompt_tokens positions."""
         last = self.num_blocks if last is None else last
-        mask_args = dict(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
+        mask_args = dict(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                         position_ids=position_ids)
         layer_types = self.layer_types[first:last]
-        masks = {kind: MASK_FUNCTIONS[kind](**mask_args) for kind in set(layer_types)}
+        masks = {kind: MASK_FUNCTIONS[kind](**mask_args, **cache_argument(MASK_FUNCTIONS[kind], cache))
+                 for kind in set(layer_types)}
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for j, (layer, kind) in enumerate(zip(self.layers[first:last], layer_types)):
             if prompts is not None:
@@ -67,7 +64,7 @@ class BlockSpan(nn.Module):
                 hidden_states,
                 attention_mask=masks[kind],
                 position_ids=position_ids,
-                past_key_values=cache,
+                **cache_argument(type(layer).forward, cache),
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
             )
