@@ -7,6 +7,8 @@ Two modes (TrainConfig.local_updates):
                          parameters (and Adam statistics) are averaged, i.e. an outer step with SGD lr=1.
 In both modes parameters and Adam statistics are averaged synchronously every `average_state_every`
 epochs, which also repairs any drift left by a failed round (a peer that died mid-all-reduce).
+Averages and downloaded state that are not finite are refused (swarmlm.training.state_averager), and so
+are averaged gradients: the trainer keeps its own.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hivemind
 import torch
 
 from swarmlm.training.config import TrainConfig
+from swarmlm.training.state_averager import GuardedStateAverager, all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +59,24 @@ class AveragingRounds:
             self.last_group_size[kind] = 0
             logger.info(f"Averaging {kind} failed ({error!r}); continuing with local results")
 
+    def refused(self, kind: str) -> None:
+        """The last round of `kind`, recorded as completed, had a non-finite average that was refused."""
+        if self.completed[kind] > 0:
+            self.completed[kind] -= 1
+        self.failed[kind] += 1
+        self.last_group_size[kind] = 0
+
     def snapshot(self) -> dict:
         return dict(completed=dict(self.completed), failed=dict(self.failed),
                     last_group_size=dict(self.last_group_size), contributed_bytes=dict(self.contributed_bytes))
 
 
 class ObservedOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer that records the outcome of every gradient and state averaging round in `.rounds`.
+    """hivemind.Optimizer that records the outcome of every gradient and state averaging round in `.rounds`,
+    averages state with a GuardedStateAverager and refuses non-finite averaged gradients.
 
     State rounds are pre-scheduled here when hivemind would start them itself, so that their StepControl
-    can be inspected after the (synchronous) round; nothing else changes. Overrides two private methods
+    can be inspected after the (synchronous) round; nothing else changes. Overrides private methods
     of hivemind 1.1.12 (the version pyproject.toml pins); revisit them when upgrading hivemind.
     """
 
@@ -74,10 +85,44 @@ class ObservedOptimizer(hivemind.Optimizer):
         self.rounds = AveragingRounds(tensor_bytes=dict(gradients=_tensor_bytes(self.grad_averager),
                                                         state=_tensor_bytes(self.state_averager)))
 
+    def _make_state_averager(self, **kwargs) -> GuardedStateAverager:
+        # hivemind 1.1.12's Optimizer._make_state_averager, with the guarded class
+        return GuardedStateAverager(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
+
+    def _load_averaged_gradients_into_optimizer_(self) -> None:
+        """Refuses non-finite averaged gradients; hivemind then falls back to this trainer's own gradients.
+        (A peer may send inf or NaN; and hivemind divides each part by the total weight of the contributions
+        that arrived: 0/0 when only a weight-0 peer's part arrived, e.g. an idle replica whose partner timed
+        out mid-round.)"""
+        with torch.no_grad(), self.grad_averager.get_tensors() as averaged:
+            finite = all_finite(averaged)
+        if not finite:
+            self._refused_average = True
+            raise FloatingPointError("the averaged gradients are not finite")
+        super()._load_averaged_gradients_into_optimizer_()
+
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        self._refused_average = False
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         if maybe_step_control is not None:
             self.rounds.record("gradients", maybe_step_control)
+            if self._refused_average:
+                logger.warning(f"{self.run_id}: refused non-finite averaged gradients; used this peer's own")
+                self.rounds.refused("gradients")
 
     def _update_global_epoch(self, grad_scaler) -> None:
         control = None
@@ -87,9 +132,12 @@ class ObservedOptimizer(hivemind.Optimizer):
                 self.scheduled_state = self.state_averager.schedule_step(gather=next_epoch,
                                                                          timeout=self.averaging_timeout)
             control = self.scheduled_state
+        refused_before = self.state_averager.refused_rounds
         super()._update_global_epoch(grad_scaler)
         if control is not None:
             self.rounds.record("state", control)
+            if self.state_averager.refused_rounds > refused_before:
+                self.rounds.refused("state")
 
     def _will_average_state(self) -> bool:
         next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)

@@ -33,6 +33,7 @@ from swarmlm.training.model import StartingModel, parameter_hash
 from swarmlm.training.optimizer import ObservedOptimizer, make_optimizer
 from swarmlm.training.progress import ProgressBar, SwarmRate
 from swarmlm.training.roster import Roster
+from swarmlm.training.state_averager import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,11 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(f"training loss is {loss.item()} at epoch {epoch_before}")
                 loss.backward()
+                if not all_finite(param.grad for param in self.model.parameters() if param.grad is not None):
+                    # never contributed to an average nor applied (a finite loss with inf gradients: overflow)
+                    logger.warning(f"Skipped a batch at epoch {epoch_before}: its gradients are not finite")
+                    opt.zero_grad()
+                    continue
                 opt.step()
                 opt.zero_grad()
                 result.steps += 1

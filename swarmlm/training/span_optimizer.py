@@ -2,7 +2,8 @@
 
   SpanOptimizer            `step` split into `accumulate` (per micro-batch) and `end_epoch` (the transition);
                            epochs end on counted samples only; a stale pre-scheduled round is replaced, not
-                           a reason to skip averaging; non-finite averaged gradients are refused; `leave`
+                           a reason to skip averaging; `leave` (non-finite averages are refused by
+                           ObservedOptimizer)
   ReplicaProgressTracker   an idle replica keeps reporting, so its replicas keep averaging with it
 
 These override private methods of hivemind 1.1.12 (the version pyproject.toml pins), like ObservedOptimizer
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
@@ -57,26 +57,6 @@ class SpanOptimizer(ObservedOptimizer):
         return ReplicaProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
                                       client_mode=self.client_mode, status_loglevel=self.status_loglevel, start=True,
                                       **kwargs)
-
-    def _load_averaged_gradients_into_optimizer_(self) -> None:
-        """Refuses non-finite averaged gradients; hivemind then falls back to this replica's own gradients.
-        (hivemind divides each part by the total weight of the contributions that arrived: 0/0 when only a
-        weight-0 replica's part arrived, e.g. an idle replica whose partner timed out mid-round.)"""
-        with torch.no_grad(), self.grad_averager.get_tensors() as averaged:
-            finite = all(bool(torch.isfinite(tensor).all()) for tensor in averaged)
-        if not finite:
-            self._refused_average = True
-            raise FloatingPointError("the averaged gradients are not finite (a partial all-reduce)")
-        super()._load_averaged_gradients_into_optimizer_()
-
-    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
-        self._refused_average = False
-        super()._average_gradients_and_load_into_optimizer(maybe_step_control)  # counts the round by its control
-        if self._refused_average:
-            logger.warning(f"{self.run_id}: refused non-finite averaged gradients; used this replica's own")
-            self.rounds.completed["gradients"] -= 1
-            self.rounds.failed["gradients"] += 1
-            self.rounds.last_group_size["gradients"] = 0
 
     def accumulate(self, batch_size: int) -> None:
         """Adds the parameters' .grad (the mean gradient of `batch_size` samples) to this epoch's sum."""
