@@ -28,7 +28,10 @@ for dist in sorted(distributions(), key=lambda d: d.metadata["Name"].lower()):
     if name in ("pip", "swarmlm"):
         continue
     pinned = locked.get(name)
-    note = "" if pinned == dist.version else f"   (lock: {pinned})" if pinned else "   (not in the lock)"
+    if name == "torch":
+        note = "   (installed first by scripts/install.sh: the lock leaves it out)"
+    else:
+        note = "" if pinned == dist.version else f"   (lock: {pinned})" if pinned else "   (not in the lock)"
     print(f"[canary]   {name}=={dist.version}{note}")
 EOF
 echo "[canary] running the exactness smoke (pytest -m canary)"
