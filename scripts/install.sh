@@ -3,6 +3,7 @@
 #
 #   bash scripts/install.sh            # torch + the exact, hash-checked set in requirements.lock (the tested set)
 #   bash scripts/install.sh --latest   # torch + the newest releases pyproject.toml allows (no lock; the canary)
+#                                      # (CONSTRAINTS=FILE: pip constraints on top, e.g. an older transformers)
 #
 # torch comes first, pinned to the tested version (TORCH_VERSION): its CPU build where no NVIDIA GPU is
 # found, so a CPU machine does not pull several GB of CUDA wheels, and PyPI's default (CUDA) build where
@@ -54,7 +55,8 @@ else
     torch_pin=$(mktemp)
     "$PYTHON" -c 'import torch; print("torch==" + torch.__version__)' > "$torch_pin"
     echo "[install] installing the newest releases that pyproject.toml allows (no lock; $(cat "$torch_pin") kept)"
-    pip install -q --progress-bar off --upgrade --upgrade-strategy eager -c "$torch_pin" -e ".[dev]"
+    pip install -q --progress-bar off --upgrade --upgrade-strategy eager -c "$torch_pin" \
+        ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e ".[dev]"
     rm -f "$torch_pin"
 fi
 "$PYTHON" - <<'EOF'

@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
-# Runs the exactness smoke (tests marked `canary`) on several transformers releases, one after another in one
-# fresh venv (the tested set first, then `pip install transformers==V` with whatever it needs), and prints a
-# table. Use it before moving pyproject.toml's transformers bounds; the whole suite should still run on the
-# lower bound and on the newest.
+# Runs the exactness smoke (tests marked `canary`) on several transformers releases, each in a fresh venv with
+# the newest releases of everything else that pyproject.toml allows beside it (install.sh --latest with
+# transformers pinned), and prints a table. Use it before moving pyproject.toml's transformers bounds; the
+# whole suite should still run on the lower bound and on the newest.
 #
 #   bash scripts/transformers-matrix.sh 5.10.4 5.16.1 5.23.0 5.24.0 5.25.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: $0 VERSION ..." >&2; exit 2; }
 PYTHON=${PYTHON:-python3}
-VENV=${MATRIX_VENV:-$(mktemp -d)/matrix-venv}
-rm -rf "$VENV"
-"$PYTHON" -m venv "$VENV"
-trap 'rm -rf "$VENV"' EXIT
-PYTHON="$VENV/bin/python" bash scripts/install.sh
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 results=()
 for version in "$@"; do
     echo "[matrix] transformers==$version"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "transformers==$version"
-    if "$VENV/bin/python" -m pytest -q -m canary tests; then outcome=passed; else outcome=FAILED; fi
-    results+=("transformers $version (huggingface_hub $("$VENV/bin/python" -c 'import huggingface_hub as h; print(h.__version__)')): $outcome")
+    rm -rf "$work/venv"
+    "$PYTHON" -m venv "$work/venv"
+    echo "transformers==$version" > "$work/constraints.txt"
+    CONSTRAINTS="$work/constraints.txt" PYTHON="$work/venv/bin/python" bash scripts/install.sh --latest
+    if "$work/venv/bin/python" -m pytest -q -m canary tests; then outcome=passed; else outcome=FAILED; fi
+    hub=$("$work/venv/bin/python" -c 'import huggingface_hub as h; print(h.__version__)')
+    results+=("transformers $version (huggingface_hub $hub): $outcome")
 done
 printf '[matrix] %s\n' "${results[@]}"
 ! printf '%s\n' "${results[@]}" | grep -q FAILED
