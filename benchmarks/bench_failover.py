@@ -79,13 +79,13 @@ def bench_failover(path: Path, args, env: dict, log_dir: Path) -> None:
     try:
         dht = Node(["dht"], log_dir / "dht.log", env)
         nodes.append(dht)
-        maddrs = dht.wait_ready()
+        maddrs = dht.wait_ready().maddrs
         peers = {}
         for i, span in enumerate(["0:4", "4:8", "4:8"]):
             node = Node(peer_args(path, maddrs, "--blocks", span, "--update-period", "5"), log_dir / f"peer{i}.log", env)
             nodes.append(node)
             peers[node] = span
-        peer_ids = {node.wait_ready()[0].rsplit("/p2p/", 1)[1]: node for node in peers}
+        peer_ids = {node.wait_ready().maddrs[0].rsplit("/p2p/", 1)[1]: node for node in peers}
         client = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=maddrs)
         client.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up (routes, RTT probes)
 
@@ -110,7 +110,7 @@ def bench_failover(path: Path, args, env: dict, log_dir: Path) -> None:
         if client is not None:
             client.close()
         for node in reversed(nodes):
-            node.stop()
+            node.terminate()
 
 
 def covered(dht, model: str, num_blocks: int, alive: set[str]) -> bool:
@@ -133,14 +133,14 @@ def bench_recover(path: Path, args, env: dict, log_dir: Path) -> None:
     try:
         dht = Node(["dht"], log_dir / "dht2.log", env)
         nodes.append(dht)
-        maddrs = dht.wait_ready()
+        maddrs = dht.wait_ready().maddrs
         extra = ("--num-blocks", "4", "--update-period", str(args.update_period), "--balance-period",
                  str(args.balance_period), "--throughput", "1000")
         peers = {}
         for i in range(3):  # one after another, so each sees where the previous ones went
             node = Node(peer_args(path, maddrs, *extra), log_dir / f"movable{i}.log", env)
             nodes.append(node)
-            peers[node.wait_ready()[0].rsplit("/p2p/", 1)[1]] = node
+            peers[node.wait_ready().maddrs[0].rsplit("/p2p/", 1)[1]] = node
         client = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=maddrs)
         dht_view = client.remote.dht
         wait_covered(dht_view, client.remote.model, 8, set(peers), args.cover_timeout, "3 movable peers")
@@ -158,7 +158,7 @@ def bench_recover(path: Path, args, env: dict, log_dir: Path) -> None:
         if client is not None:
             client.close()
         for node in reversed(nodes):
-            node.stop()
+            node.terminate()
 
 
 def main() -> int:

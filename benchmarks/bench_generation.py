@@ -103,7 +103,7 @@ def start_swarm(nodes: list[Node], path: Path, log_prefix: Path, env: dict, peer
     caller can stop them whatever happens); returns the DHT's multiaddrs once every peer is ready."""
     dht = Node(["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], Path(f"{log_prefix}-dht.log"), env)
     nodes.append(dht)
-    dht_maddrs = dht.wait_ready()
+    dht_maddrs = dht.wait_ready().maddrs
     peers = [Node(["peer", "--model", str(path), "--blocks", span, "--initial-peers", *dht_maddrs,
                    "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--num-threads", str(peer_threads),
                    "--device", device, "--torch-dtype", torch_dtype, *(["--no-direct"] if p2p else [])],
@@ -141,7 +141,7 @@ def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -
         if swarm is not None:
             swarm.close()
         for node in reversed(nodes):
-            node.stop()
+            node.terminate()
         del local
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -40,8 +40,8 @@ class Trainer(Node):
         super().__init__(["train", *args], log_path, env)
         self.epoch_times: dict[int, float] = {}
 
-    def on_line(self, arrived: float, line: str) -> None:
-        super().on_line(arrived, line)
+    def line_arrived(self, arrived: float, line: str) -> None:
+        super().line_arrived(arrived, line)
         if line.startswith("EPOCH"):
             self.epoch_times[int(line.split()[1])] = arrived
 
@@ -65,7 +65,7 @@ def swarm_samples_per_second(num_trainers: int, args, env: dict, log_dir: Path) 
             trainer.wait_for("DONE", STARTUP_TIMEOUT + 60 * args.epochs)
     finally:
         for trainer in trainers:
-            trainer.stop()
+            trainer.terminate()
     times = first.epoch_times
     start = min(e for e in times if e >= args.warmup_epochs)
     end = max(times)

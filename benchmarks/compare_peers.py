@@ -91,7 +91,7 @@ def main() -> int:
             for swarm in swarms.values():
                 swarm.close()
             for node in reversed(nodes):
-                node.stop()
+                node.terminate()
 
     print(f"\n{args.model} model, {args.rounds} rounds of {args.new_tokens} greedy tokens; ms/token (median):")
     local_ms = statistics.median(times["local"])

@@ -168,7 +168,7 @@ def check_model(label: str, model_arg: str, path: Path, env: dict, tmp: Path) ->
     try:
         dht = Node(["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], tmp / f"{label}-dht.log", env)
         nodes.append(dht)
-        maddrs = dht.wait_ready()
+        maddrs = dht.wait_ready().maddrs
         for tag, dtype in DTYPES.items():
             for i, span in enumerate(spans):
                 nodes.append(Node(["peer", "--model", model_arg, "--blocks", span, "--initial-peers", *maddrs,
@@ -290,7 +290,7 @@ def check_model(label: str, model_arg: str, path: Path, env: dict, tmp: Path) ->
         for client in clients.values():
             client.close()
         for node in reversed(nodes):
-            node.stop()
+            node.terminate()
 
 
 def main() -> int:

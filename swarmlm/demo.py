@@ -8,30 +8,12 @@ everything down. Exits 1 if the route does not cover every block or the text dif
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 
 import torch
 
-
-def _start(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, list[str], str]:
-    """Starts `python -m swarmlm.cli ARGS` and waits for its READY line; returns (process, maddrs, ready line)."""
-    proc = subprocess.Popen([sys.executable, "-m", "swarmlm.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
-    maddrs, deadline = [], time.monotonic() + timeout
-    for line in proc.stdout:
-        line = line.strip()
-        if line.startswith("/"):
-            maddrs.append(line)
-        elif line.startswith("READY"):
-            return proc, maddrs, line
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise RuntimeError(f"`swarmlm {' '.join(args)}` did not start (exit code {proc.poll()})")
+from swarmlm.local_swarm import NodeProcess, start_dht, start_peer, stop_all
 
 
 def _spans(num_blocks: int, num_peers: int) -> list[tuple[int, int]]:
@@ -41,24 +23,25 @@ def _spans(num_blocks: int, num_peers: int) -> list[tuple[int, int]]:
 
 def run_demo(num_peers: int = 2, max_new_tokens: int = 32, prompt: str = "", model: str = "") -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from swarmlm.client.model import AutoDistributedModelForCausalLM
     from swarmlm.models.checkpoint import resolve_model
 
+    hf_logging.disable_progress_bar()  # the demo prints its own progress
     resolved = resolve_model(model)  # creates the embedded model on first use
     num_blocks = AutoConfig.from_pretrained(resolved.path).num_hidden_layers
-    processes = []
+    processes: list[NodeProcess] = []
     try:
         print(f"Starting a local swarm for {resolved.name} ({num_blocks} blocks) ...", flush=True)
-        dht, maddrs, _ = _start(["dht", "--log-level", "error"])
+        dht = start_dht(log_level="error")
         processes.append(dht)
+        maddrs = dht.wait_ready().maddrs
         print(f"  bootstrap node  {maddrs[0]}", flush=True)
         for start, end in _spans(num_blocks, num_peers):
-            peer, peer_maddrs, _ = _start(["peer", "--model", model, "--blocks", f"{start}:{end}",
-                                           "--initial-peers", maddrs[0], "--num-threads", "1",
-                                           "--log-level", "error"])
+            peer = start_peer(model, maddrs[0], "--blocks", f"{start}:{end}", log_level="error")
             processes.append(peer)
-            print(f"  peer  blocks {start}:{end}  {peer_maddrs[0]}", flush=True)
+            print(f"  peer  blocks {start}:{end}  {peer.wait_ready().maddrs[0]}", flush=True)
 
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         client = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=maddrs)
@@ -83,14 +66,7 @@ def run_demo(num_peers: int = 2, max_new_tokens: int = 32, prompt: str = "", mod
         return _check_against_local(AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32),
                                     inputs, outputs, route, num_blocks, max_new_tokens)
     finally:
-        for proc in reversed(processes):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in processes:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(processes)
         print("Swarm stopped.", flush=True)
 
 

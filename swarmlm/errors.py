@@ -6,7 +6,10 @@ SwarmError
 ├── RequestError             a peer refused a request as invalid (bad shapes, dtypes, blocks...)
 │   └── CacheBudgetError     a peer has no room for the session's KV cache ("busy")
 ├── MissingBlocksError       no peer in the swarm serves some blocks the client needs
-└── RemotePeerError          a call to a peer failed (network, peer died, remote error)
+├── RemotePeerError          a call to a peer failed (network, peer died, remote error)
+├── ExportError              `swarmlm export`: the swarm cannot provide every block of the model
+├── TrainingDataError        the training data cannot be used (missing files, too small, ...)
+└── TrainingDivergedError    a trainer's loss became NaN or infinite
 """
 
 from __future__ import annotations
@@ -55,3 +58,15 @@ class RemotePeerError(SwarmError):
     def __init__(self, peer: str, message: str, code: str | None = None):
         self.peer, self.code = peer, code
         super().__init__(f"peer {peer}: {message}")
+
+
+class ExportError(SwarmError):
+    """The swarm cannot provide every block of the model (the message lists what is missing)."""
+
+
+class TrainingDataError(SwarmError):
+    """The training data cannot be used (missing files, too small, an optional package not installed)."""
+
+
+class TrainingDivergedError(SwarmError):
+    """The training loss became NaN or infinite."""

@@ -13,8 +13,7 @@ import torch
 os.environ.setdefault("SWARMLM_HOME", tempfile.mkdtemp(prefix="swarmlm-test-home-"))
 torch.set_num_threads(1)
 
-from swarm_processes import start_dht, start_peer  # noqa: E402
-
+from swarmlm.local_swarm import local_swarm  # noqa: E402
 from swarmlm.models.embedded import DEFAULT_MODEL, ensure_embedded_model  # noqa: E402
 
 
@@ -23,21 +22,10 @@ def tiny_model_path():
     return ensure_embedded_model(DEFAULT_MODEL)
 
 
-@contextlib.contextmanager
-def running_swarm(model: str, spans: list[str], *peer_args: str):
-    """A bootstrap DHT node plus one CLI peer per span ("A:B"), all torn down on exit."""
-    with contextlib.ExitStack() as stack:
-        dht = stack.enter_context(start_dht())
-        peers = [start_peer(model, dht.maddrs[0], "--blocks", span, *peer_args) for span in spans]
-        for peer in peers:
-            stack.enter_context(peer)
-        yield dht, peers
-
-
 @pytest.fixture(scope="module")
 def swarm(tiny_model_path):
     """dht + two peers serving blocks 0:3 and 3:8 of the default model (each serving /metrics)."""
-    with running_swarm(DEFAULT_MODEL, ["0:3", "3:8"], "--metrics-port", "0") as (dht, peers):
+    with local_swarm(DEFAULT_MODEL, ["0:3", "3:8"], "--metrics-port", "0") as (dht, peers):
         yield dht, peers
 
 

@@ -6,7 +6,7 @@ import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from swarm_processes import NodeProcess
+from swarmlm.local_swarm import NodeProcess
 
 
 ROUNDS, BYTES = "swarmlm_averaging_rounds_total", "swarmlm_averaging_contributed_bytes_total"  # averaging counters

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import running_swarm
-from swarm_processes import start_peer
+from swarmlm.local_swarm import local_swarm, start_peer
 
 from swarmlm import AutoDistributedModelForCausalLM
 from swarmlm.dht.records import ServerState
@@ -49,7 +48,7 @@ def test_sigterm_announces_offline_before_exit(swarm, dist_model):
 
 
 def test_missing_blocks_error_then_num_blocks_fills_the_gap(tiny_model_path, local_model):
-    with running_swarm(DEFAULT_MODEL, ["0:3"]) as (dht, _):
+    with local_swarm(DEFAULT_MODEL, ["0:3"]) as (dht, _):
         model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=dht.maddrs)
         try:
             with pytest.raises(MissingBlocksError, match=r"no peer serves blocks 3:8 of model swarmlm-tiny-llama; "

@@ -12,9 +12,9 @@ import asyncio
 import pytest
 import torch
 from bad_frames import BAD_FRAMES, answer_to_frame
-from conftest import client_model, running_swarm
+from conftest import client_model
 from metrics_scrape import metrics_url, scrape, value
-from swarm_processes import start_peer
+from swarmlm.local_swarm import local_swarm, start_peer
 
 from swarmlm.client.rpc import InferenceStream
 from swarmlm.errors import RemotePeerError
@@ -29,7 +29,7 @@ PROMPT = "def fibonacci(n):"
 @pytest.fixture(scope="module")
 def mixed_swarm(tiny_model_path):
     """dht, [direct peers 0:3 (with /metrics) and 3:5], the p2p-only peer 5:8."""
-    with running_swarm(DEFAULT_MODEL, ["0:3"], "--metrics-port", "0") as (dht, peers):  # direct: the loopback default
+    with local_swarm(DEFAULT_MODEL, ["0:3"], "--metrics-port", "0") as (dht, peers):  # direct: the loopback default
         with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "3:5", "--direct") as second, \
                 start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "5:8", "--no-direct") as plain:
             yield dht, [peers[0], second], plain

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from conftest import client_model, running_swarm
-from swarm_processes import start_peer
+from conftest import client_model
+from swarmlm.local_swarm import local_swarm, start_peer
 from swarmlm.models.embedded import DEFAULT_MODEL
 
 SPANS = ["0:4", "0:4", "4:8", "4:8", "2:6"]  # every block has at least 2 peers; 2:6 overlaps both halves
@@ -65,7 +65,7 @@ def _peer_id(process) -> str:
 
 @pytest.fixture(scope="module")
 def replicas(tiny_model_path):
-    with running_swarm(DEFAULT_MODEL, SPANS, *PEER_ARGS) as (dht, peers):
+    with local_swarm(DEFAULT_MODEL, SPANS, *PEER_ARGS) as (dht, peers):
         replicas = Replicas(dht.maddrs[0], peers)
         try:
             yield replicas

@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import client_model, running_swarm
+from conftest import client_model
 from metrics_scrape import metrics_url, scrape, scrape_until, value
-from swarm_processes import NodeProcess, start_peer
+from swarmlm.local_swarm import NodeProcess, local_swarm, start_peer
 
 from swarmlm.client.rpc import InferenceStream, call_forward
 from swarmlm.dht.records import ServerRecord, ServerState
@@ -38,7 +38,7 @@ def monitored_swarm(tiny_model_path):
     """dht + peers 0:3 and 3:8 of the default model (with /metrics) + one peer of GAP_MODEL on blocks 0:3; all
     p2p only (--no-direct), so that sessions over p2p streams run here (direct ones: the other modules' swarms)."""
     common = ("--max-cache-tokens", str(MAX_CACHE), "--no-direct")
-    with running_swarm(DEFAULT_MODEL, ["0:3", "3:8"], "--metrics-port", "0", "--throughput", str(THROUGHPUT),
+    with local_swarm(DEFAULT_MODEL, ["0:3", "3:8"], "--metrics-port", "0", "--throughput", str(THROUGHPUT),
                        *common) as (dht, peers):
         with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--dht-prefix", GAP_MODEL, "--blocks", "0:3",
                         "--throughput", "100", "--public-name", "gap-peer", *common) as gap_peer:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from metrics_scrape import BYTES, ROUNDS, metrics_url, scrape_until, value
-from swarm_processes import NodeProcess
+from swarmlm.local_swarm import NodeProcess
 from transformers import AutoModelForCausalLM
 
 from swarmlm.models.embedded import DEFAULT_MODEL

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 from metrics_scrape import BYTES, ROUNDS, metrics_url, scrape, scrape_until, value
-from swarm_processes import NodeProcess, start_dht, start_peer
+from swarmlm.local_swarm import NodeProcess, start_dht, start_peer
 from transformers import AutoModelForCausalLM
 
 from swarmlm.models.embedded import DEFAULT_MODEL

@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from conftest import running_swarm
-from swarm_processes import start_dht, start_peer
+from swarmlm.local_swarm import local_swarm, start_dht, start_peer
 from swarmlm.dht.records import ServerState
 from swarmlm.dht.registry import fetch_block_records
 from swarmlm.models.embedded import DEFAULT_MODEL
@@ -83,7 +82,7 @@ def test_peers_with_num_blocks_close_a_gap_left_by_a_dead_peer(tiny_model_path, 
 def cache_swarm(tiny_model_path):
     """One peer serving all blocks with a 1000-token KV budget; it announces only on cache changes and
     closes sessions idle for 8 s."""
-    with running_swarm(DEFAULT_MODEL, ["0:8"], "--max-cache-tokens", "1000", "--update-period", "60",
+    with local_swarm(DEFAULT_MODEL, ["0:8"], "--max-cache-tokens", "1000", "--update-period", "60",
                        "--session-timeout", "8") as (dht, peers):
         yield dht, peers[0]
 
@@ -159,7 +158,7 @@ def test_concurrent_clients_route_around_a_peer_out_of_cache(tiny_model_path, lo
     """A fast peer with room for one session (30 tokens) and a slow one with plenty: every client's output is
     exact, and the clients that got "busy" from the fast peer finished on the other."""
     prompts = ["Python supports", "A class definition", "The import statement"]
-    with running_swarm(DEFAULT_MODEL, [], "--update-period", "60") as (dht, _), contextlib.ExitStack() as stack:
+    with local_swarm(DEFAULT_MODEL, [], "--update-period", "60") as (dht, _), contextlib.ExitStack() as stack:
         small = stack.enter_context(start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "0:8", "--throughput",
                                                "100000", "--max-cache-tokens", "30", "--update-period", "60"))
         stack.enter_context(start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "0:8", "--throughput", "1000",

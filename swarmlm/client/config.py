@@ -11,7 +11,6 @@ class ClientConfig:
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm members
     dht_prefix: Optional[str] = None  # the model's name in the DHT (default: resolved model name)
     request_timeout: float = 30.0  # seconds to wait for one forward/backward call or inference step
-    session_open_timeout: float = 30.0  # seconds to wait for a peer to accept a session
     max_retries: int = 3  # retries per call or inference step before giving up with an error (fresh route each)
     retry_backoff: float = 0.5  # seconds before the 2nd retry in a row, doubling after each failure
     max_backoff: float = 10.0  # cap on the wait between retries

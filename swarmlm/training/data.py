@@ -29,16 +29,12 @@ from typing import Iterator
 
 import torch
 
-from swarmlm.errors import SwarmError
+from swarmlm.errors import TrainingDataError
 from swarmlm.training.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
 _HASH_BYTES = 8
-
-
-class TrainingDataError(SwarmError):
-    """The training data cannot be used (missing files, too small, an optional package not installed)."""
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from swarmlm.client.rpc import answer_stream, call_info, call_peer
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.dht.records import ServerState
 from swarmlm.dht.registry import fetch_block_records
-from swarmlm.errors import RemotePeerError, RequestError, SwarmError
+from swarmlm.errors import ExportError, RemotePeerError, RequestError
 from swarmlm.experts.families import ModelFamily, family_for_config
 from swarmlm.experts.protocol import (
     PeerInfo,
@@ -61,10 +61,6 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json")
-
-
-class ExportError(SwarmError):
-    """The swarm cannot provide every block of the model (the message lists what is missing)."""
 
 
 @dataclass(frozen=True)

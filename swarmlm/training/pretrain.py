@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import hivemind
 import torch
 
-from swarmlm.errors import SwarmError
+from swarmlm.errors import TrainingDivergedError
 from swarmlm.training.checkpoint import save_checkpoint
 from swarmlm.training.config import TrainConfig
 from swarmlm.training.data import PreparedData, iterate_batches
@@ -36,10 +36,6 @@ from swarmlm.training.roster import Roster
 from swarmlm.training.state_averager import all_finite
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDivergedError(SwarmError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass(frozen=True)
