@@ -11,12 +11,11 @@ STARTUP_TIMEOUT = 600.0  # seconds for a node to print READY (large peers measur
 
 
 class Node(NodeProcess):
+    ready_timeout = STARTUP_TIMEOUT
+
     def __init__(self, args: list[str], log_path: Path, env: dict):
         super().__init__(*args, "--log-level", "warning", env=env, stderr_path=log_path)
 
     def wait_for(self, prefix: str, timeout: float = STARTUP_TIMEOUT) -> str:
         """Reads lines until one starts with `prefix` and returns it; raises if the node exits or times out."""
         return self.wait_for_line(lambda line: line.startswith(prefix), timeout)
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> "Node":
-        return super().wait_ready(timeout)

@@ -26,8 +26,11 @@ pip() { "$PYTHON" -m pip --disable-pip-version-check "$@"; }
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "[install] swarmlm needs Python 3.11 or newer ($PYTHON is $("$PYTHON" -V 2>&1))" >&2; exit 1; }
 
-if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-    echo "[install] torch $("$PYTHON" -c 'import torch; print(torch.__version__)') already installed: keeping it"
+# the installed torch's version, read from its metadata (importing torch before numpy is there warns)
+torch_version() { "$PYTHON" -c 'from importlib.metadata import version; print(version("torch"))' 2>/dev/null; }
+
+if torch_version >/dev/null; then
+    echo "[install] torch $(torch_version) already installed: keeping it"
 elif [ -n "${TORCH_INDEX:-}" ]; then
     echo "[install] installing torch==${TORCH_VERSION} from ${TORCH_INDEX}"
     pip install -q "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
@@ -53,7 +56,7 @@ if [ "$MODE" = lock ]; then
 else
     # torch stays the build installed above: an upgrade resolved from PyPI would be a CUDA build on a CPU machine
     torch_pin=$(mktemp)
-    "$PYTHON" -c 'import torch; print("torch==" + torch.__version__)' > "$torch_pin"
+    echo "torch==$(torch_version)" > "$torch_pin"
     echo "[install] installing the newest releases that pyproject.toml allows (no lock; $(cat "$torch_pin") kept)"
     pip install -q --progress-bar off --upgrade --upgrade-strategy eager -c "$torch_pin" \
         ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e ".[dev]"

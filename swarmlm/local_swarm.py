@@ -28,6 +28,8 @@ class NodeProcess:
     so far is in `stdout_lines`, multiaddrs in `maddrs`); its stderr goes to `stderr_path` if given, else the
     last STDERR_LINES lines stay in memory (`stderr`)."""
 
+    ready_timeout = READY_TIMEOUT  # default of wait_ready and wait_for_line, in seconds
+
     def __init__(self, *args: str, env: Optional[dict] = None, stderr_path: Optional[Path] = None):
         self.args = args
         self.maddrs: list[str] = []
@@ -64,15 +66,18 @@ class NodeProcess:
     def stderr(self) -> str:
         """The end of what the node wrote to stderr."""
         if self.stderr_path is not None:
-            self._stderr_file.flush()
+            if not self._stderr_file.closed:
+                self._stderr_file.flush()
             return self.stderr_path.read_text(errors="replace")[-20000:]
         return "".join(list(self._stderr_tail)[-200:])
 
     def line_arrived(self, arrived: float, line: str) -> None:
         """Called for every stdout line read (`arrived`: time.monotonic() when it was read); subclasses record more."""
 
-    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float = READY_TIMEOUT) -> str:
-        """Reads stdout until a line satisfies `predicate` and returns it; raises if the node exits or times out."""
+    def wait_for_line(self, predicate: Callable[[str], bool], timeout: Optional[float] = None) -> str:
+        """Reads stdout until a line satisfies `predicate` and returns it; raises if the node exits or times out
+        (after `timeout` s, default `ready_timeout`)."""
+        timeout = self.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -92,7 +97,7 @@ class NodeProcess:
             if predicate(line):
                 return line
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> "NodeProcess":
+    def wait_ready(self, timeout: Optional[float] = None) -> "NodeProcess":
         self.wait_for_line(lambda line: line.startswith("READY"), timeout)
         return self
 

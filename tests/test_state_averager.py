@@ -142,3 +142,34 @@ def test_a_round_between_honest_peers_averages_them(dhts):
     finally:
         for averager, _ in peers:
             averager.shutdown()
+
+
+class _Round:
+    """Stands in for a finished hivemind StepControl (only what AveragingRounds.record reads)."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error = error
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def exception(self):
+        return self.error
+
+    def result(self):
+        return {"peer a": 0, "peer b": 0}
+
+
+def test_a_refused_average_counts_as_one_failed_round():
+    from swarmlm.training.optimizer import AveragingRounds
+
+    rounds = AveragingRounds(tensor_bytes=dict(gradients=10, state=20))
+    rounds.record("state", _Round())
+    rounds.record("state", _Round(), refused=True)  # the all-reduce finished, its average was not finite
+    rounds.record("state", _Round(TimeoutError()), refused=True)  # failed, and its partial average refused too
+    assert rounds.completed["state"] == 1 and rounds.failed["state"] == 2
+    assert rounds.contributed_bytes["state"] == 40  # ours went out in both finished all-reduces
+    assert rounds.last_group_size["state"] == 0

@@ -21,26 +21,24 @@ NEW_NAME = "cache"  # transformers >= 5.24
 OLD_NAME = "past_key_values"  # transformers < 5.24 (deprecated from 5.24, announced for removal in 5.40)
 
 
+def _spelling(names, what: str) -> str:
+    """NEW_NAME or OLD_NAME, whichever `names` (a signature's parameters, a dataclass's fields) has."""
+    for name in (NEW_NAME, OLD_NAME):
+        if name in names:
+            return name
+    raise TypeError(f"{what} takes neither `{NEW_NAME}` nor `{OLD_NAME}`: unsupported transformers release")
+
+
 @functools.lru_cache(maxsize=None)
 def cache_kwarg(function: Callable) -> str:
     """The keyword under which `function` (a transformers callable) takes the KV cache."""
-    parameters = inspect.signature(function).parameters
-    if NEW_NAME in parameters:
-        return NEW_NAME
-    if OLD_NAME in parameters:
-        return OLD_NAME
-    raise TypeError(f"{function.__qualname__} takes neither `{NEW_NAME}` nor `{OLD_NAME}`: unsupported transformers release")
+    return _spelling(inspect.signature(function).parameters, function.__qualname__)
 
 
 @functools.lru_cache(maxsize=None)
 def output_cache_field(output_class: type) -> str:
     """The field of a transformers ModelOutput dataclass (e.g. CausalLMOutputWithPast) that carries the cache."""
-    fields = {field.name for field in dataclasses.fields(output_class)}
-    if NEW_NAME in fields:
-        return NEW_NAME
-    if OLD_NAME in fields:
-        return OLD_NAME
-    raise TypeError(f"{output_class.__qualname__} has neither a `{NEW_NAME}` nor a `{OLD_NAME}` field")
+    return _spelling({field.name for field in dataclasses.fields(output_class)}, output_class.__qualname__)
 
 
 def cache_argument(function: Callable, cache: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 from swarmlm.experts.cache import SpanCache
 
 from swarmlm.experts.families import MASK_FUNCTIONS, ModelFamily
-from swarmlm.experts.hf_compat import cache_argument
+from swarmlm.experts.hf_compat import cache_kwarg
 
 
 class BlockSpan(nn.Module):
@@ -29,6 +29,9 @@ class BlockSpan(nn.Module):
         self.layer_types = family.layer_types(config)[start:end]
         self.layers = nn.ModuleList(family.make_layers(self.config))
         self.rotary_emb = family.make_rotary(self.config)
+        # how this transformers release spells the cache argument of the layers and of each mask function
+        self._layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
+        self._mask_cache_kwarg = {kind: cache_kwarg(MASK_FUNCTIONS[kind]) for kind in set(self.layer_types)}
 
     @property
     def num_blocks(self) -> int:
@@ -54,7 +57,7 @@ class BlockSpan(nn.Module):
         mask_args = dict(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
                          position_ids=position_ids)
         layer_types = self.layer_types[first:last]
-        masks = {kind: MASK_FUNCTIONS[kind](**mask_args, **cache_argument(MASK_FUNCTIONS[kind], cache))
+        masks = {kind: MASK_FUNCTIONS[kind](**mask_args, **{self._mask_cache_kwarg[kind]: cache})
                  for kind in set(layer_types)}
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for j, (layer, kind) in enumerate(zip(self.layers[first:last], layer_types)):
@@ -64,7 +67,7 @@ class BlockSpan(nn.Module):
                 hidden_states,
                 attention_mask=masks[kind],
                 position_ids=position_ids,
-                **cache_argument(type(layer).forward, cache),
+                **{self._layer_cache_kwarg: cache},
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
             )

@@ -45,26 +45,22 @@ class AveragingRounds:
     tensor_bytes: dict[str, int] = field(default_factory=_per_kind)
     contributed_bytes: dict[str, int] = field(default_factory=_per_kind)
 
-    def record(self, kind: str, control) -> None:
-        """Counts a finished round from its StepControl (a cancelled round never ran: not counted)."""
+    def record(self, kind: str, control, refused: bool = False) -> None:
+        """Counts a finished round from its StepControl (a cancelled round never ran: not counted). A round whose
+        all-reduce finished but whose average this node `refused` (not finite) counts as failed."""
         if control.cancelled():
             return
         error = control.exception() if control.done() else TimeoutError("round did not finish")
         if error is None:
+            self.contributed_bytes[kind] += self.tensor_bytes[kind]
+        if error is None and not refused:
             self.completed[kind] += 1
             self.last_group_size[kind] = len(control.result())
-            self.contributed_bytes[kind] += self.tensor_bytes[kind]
         else:
             self.failed[kind] += 1
             self.last_group_size[kind] = 0
-            logger.info(f"Averaging {kind} failed ({error!r}); continuing with local results")
-
-    def refused(self, kind: str) -> None:
-        """The last round of `kind`, recorded as completed, had a non-finite average that was refused."""
-        if self.completed[kind] > 0:
-            self.completed[kind] -= 1
-        self.failed[kind] += 1
-        self.last_group_size[kind] = 0
+            reason = "its average is not finite: refused" if error is None else repr(error)
+            logger.info(f"Averaging {kind} failed ({reason}); continuing with local results")
 
     def snapshot(self) -> dict:
         return dict(completed=dict(self.completed), failed=dict(self.failed),
@@ -118,11 +114,10 @@ class ObservedOptimizer(hivemind.Optimizer):
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         self._refused_average = False
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if self._refused_average:
+            logger.warning(f"{self.run_id}: refused non-finite averaged gradients; used this peer's own")
         if maybe_step_control is not None:
-            self.rounds.record("gradients", maybe_step_control)
-            if self._refused_average:
-                logger.warning(f"{self.run_id}: refused non-finite averaged gradients; used this peer's own")
-                self.rounds.refused("gradients")
+            self.rounds.record("gradients", maybe_step_control, refused=self._refused_average)
 
     def _update_global_epoch(self, grad_scaler) -> None:
         control = None
@@ -135,9 +130,7 @@ class ObservedOptimizer(hivemind.Optimizer):
         refused_before = self.state_averager.refused_rounds
         super()._update_global_epoch(grad_scaler)
         if control is not None:
-            self.rounds.record("state", control)
-            if self.state_averager.refused_rounds > refused_before:
-                self.rounds.refused("state")
+            self.rounds.record("state", control, refused=self.state_averager.refused_rounds > refused_before)
 
     def _will_average_state(self) -> bool:
         next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
