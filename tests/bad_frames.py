@@ -11,7 +11,7 @@ from swarmlm.experts.protocol import check_response
 
 BAD_FRAMES = [  # (raw bytes written into an inference stream, what the peer's bad_request error says)
     (b"\x07" + b"\x00" * 16, "unknown stream frame marker"),
-    (b"\x00" + (2**40).to_bytes(8, "big"), "exceeds this peer's limit"),  # refused before any of it is read
+    (b"\x00" + (2**40).to_bytes(8, "big"), "exceeds the limit of"),  # refused before any of it is read
     (b"\x00" + (3).to_bytes(8, "big") + b"\xff\xff\xff", "not a valid ExpertRequest"),
 ]
 

@@ -25,7 +25,9 @@ from swarmlm.experts.families import family_for_config
 from swarmlm.experts.protocol import SpanRequest, check_response, deserialize_tensor, pack, serialize_all
 from swarmlm.experts.span import BlockSpan
 from swarmlm.peer.cache_budget import CacheBudget
-from swarmlm.peer.handler import CALLER_TIMEOUT_SHARE, Limits, SpanHandler, _Counting
+from swarmlm.peer.compute import Counting
+from swarmlm.peer.handler import CALLER_TIMEOUT_SHARE, SpanHandler
+from swarmlm.peer.validation import Limits
 
 MODEL, BATCH, SEQ = "unit-model", 2, 5
 
@@ -129,7 +131,7 @@ def test_a_backward_call_past_its_callers_timeout_counts_nothing(span, caplog):
     """The caller waits 0.5 s (less than the peer's 60 s); its call waits behind a busy compute thread, is
     answered with a timeout error after CALLER_TIMEOUT_SHARE of that, and its job, which still runs
     later, drops the gradients."""
-    caplog.set_level(logging.INFO, logger="swarmlm.peer.handler")
+    caplog.set_level(logging.INFO, logger="swarmlm.peer.compute")
     with training_handler(span, request_timeout=60.0) as (handler, trainer):
         with busy_compute_thread(handler):
             with pytest.raises(RemotePeerError, match=f"longer than its timeout of {0.5 * CALLER_TIMEOUT_SHARE:.3g} s"):
@@ -158,9 +160,9 @@ def test_a_backward_call_whose_caller_left_counts_nothing(span):
 
 
 def test_counting_is_decided_once_by_whichever_side_comes_first():
-    began = _Counting()
+    began = Counting()
     assert began.begin() and not began.abandon()  # the job counts: the request awaits its answer
     assert began.begin()
-    abandoned = _Counting()
+    abandoned = Counting()
     assert abandoned.abandon() and not abandoned.begin()  # the request gave up: the job drops its gradients
     assert abandoned.abandon()

@@ -13,7 +13,7 @@ from hivemind.proto import runtime_pb2
 from swarmlm.client.rpc import InferenceStream, call_forward
 from swarmlm.errors import RemotePeerError
 from swarmlm.experts.protocol import (
-    InferenceStep, SpanRequest, SpanService, StepResult, check_response, pack, serialize, unpack,
+    FORWARD, INFERENCE, PUSH, InferenceStep, SpanRequest, StepResult, check_response, pack, serialize, unpack,
 )
 from swarmlm.models.embedded import DEFAULT_MODEL
 
@@ -31,22 +31,16 @@ def client(dist_model):
 def _forward(client, span: SpanRequest, *tensors: torch.Tensor) -> torch.Tensor:
     remote, peer = client
     hidden, position_ids, *mask = tensors
-    return remote.loop.run(call_forward(remote.p2p, peer, span, hidden, position_ids, mask[0] if mask else None, 30))
+    return remote.loop.run(call_forward(remote.dialer, peer, span, hidden, position_ids, mask[0] if mask else None, 30))
 
 
 def _raw(client, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
     remote, peer = client
 
     async def call():
-        from hivemind.p2p import PeerID
-
-        stub = SpanService.get_stub(remote.p2p, PeerID.from_base58(peer))
-
-        async def one():
-            yield request
-
-        async for response in await stub.rpc_forward(one()):
-            return check_response(peer, response)
+        async with remote.dialer.answers(peer, FORWARD, request, runtime_pb2.ExpertResponse) as responses:
+            async for response in responses:
+                return check_response(peer, response)
 
     return remote.loop.run(call())
 
@@ -137,7 +131,7 @@ def _open_session(client, batch: int, max_length: int = 2048) -> torch.Tensor:
     stream = InferenceStream(peer, span)
 
     async def run():
-        await stream.open(remote.p2p)
+        await stream.open(remote.dialer)
         try:
             return await stream.step(0, torch.randn(batch, 1, HIDDEN), torch.zeros(batch, 1, dtype=torch.long), None, 30)
         finally:
@@ -165,7 +159,7 @@ def test_inference_step_beyond_max_length_and_wrong_position(client):
 
     async def run(position, seq):
         stream = InferenceStream(peer, SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1))
-        await stream.open(remote.p2p)
+        await stream.open(remote.dialer)
         try:
             return await stream.step(position, torch.randn(1, seq, HIDDEN), torch.arange(seq)[None], None, 30)
         finally:
@@ -201,7 +195,7 @@ def test_a_step_below_the_cached_length_rewinds_the_session(client):
 
     async def run():
         stream = InferenceStream(peer, SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1))
-        await stream.open(remote.p2p)
+        await stream.open(remote.dialer)
         try:
             await stream.step(0, prompt, torch.arange(4)[None], None, 30)
             first = await stream.step(4, token, torch.tensor([[4]]), None, 30)
@@ -223,10 +217,8 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
     span = SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1)
 
     async def run():
-        from hivemind.p2p import PeerID
-
         stream = InferenceStream(peer, span)
-        await stream.open(remote.p2p)
+        await stream.open(remote.dialer)
         prompt = await stream.step(0, torch.randn(1, 4, HIDDEN), torch.arange(4)[None], None, 30)
         token = torch.randn(1, 1, HIDDEN)
         garbage = [
@@ -242,18 +234,21 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
 
         served, done = asyncio.Event(), asyncio.Event()
 
+        channel = await remote.dialer.open_p2p(peer, PUSH)
+
         async def pushes():
             for message in [*garbage, push(77, 4)]:
-                yield message
+                channel.send(message)
             await served.wait()
-            yield push(77, 4)  # stale: step 77 was served; dropped, not answered
+            channel.send(push(77, 4))  # stale: step 77 was served; dropped, not answered
             bad = push(78, 5)
             bad.tensors[0].CopyFrom(serialize(torch.randn(1, 1, HIDDEN + 1)))
-            yield bad  # invalid: dropped, not answered, and the session goes on
-            yield push(78, 5)
+            channel.send(bad)  # invalid: dropped, not answered, and the session goes on
+            channel.send(push(78, 5))
             await done.wait()
+            channel.end()
 
-        responses = await SpanService.get_stub(remote.p2p, PeerID.from_base58(peer)).rpc_push(pushes())
+        pusher = asyncio.create_task(pushes())
         try:
             output, _ = await stream.receive(77, 30)  # the pushed step, answered to the session's client
             served.set()
@@ -261,8 +256,7 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
             assert (next_answer.step_id, next_answer.position) == (78, 6), next_answer
         finally:
             done.set()
-        async for _ in responses:
-            pass
+        await pusher
         again = await stream.step(4, token, torch.tensor([[4]]), None, 30)  # rewinds to 4 tokens, same step
         stream.close()
         return prompt, output, again
@@ -277,14 +271,11 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
 def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, message):
     """rpc_inference reads raw frames: a bad marker, an oversized length or bytes that are no protobuf are
     answered with a bad_request error; the peer keeps serving (the same over direct connections: test_direct.py)."""
-    from hivemind.p2p import PeerID
-
     remote, peer = client
 
     async def call():
-        _, reader, writer = await remote.p2p.call_binary_stream_handler(
-            PeerID.from_base58(peer), SpanService._get_handle_name(None, "rpc_inference"))
-        return await answer_to_frame(peer, reader, writer, frame)
+        channel = await remote.dialer.open_p2p(peer, INFERENCE)
+        return await answer_to_frame(peer, channel.reader, channel.writer, frame)
 
     with pytest.raises(RemotePeerError) as info:
         remote.loop.run(call())

@@ -193,11 +193,11 @@ def test_a_successful_forward_clears_the_peers_ban_record(monkeypatch):
     async def make_route(start, end, **kwargs):
         return [RouteHop("a", start, end)]
 
-    async def call_forward(p2p, peer_id, request, hidden, *args):
+    async def call_forward(dialer, peer_id, request, hidden, *args):
         return hidden + 1
 
     remote.make_route = make_route
-    remote.p2p = None
+    remote.dialer = None
     monkeypatch.setattr(swarm_module, "call_forward", call_forward)
     remote.bans.ban("a")
     remote.bans.ban("a")
@@ -219,7 +219,7 @@ class FakeStream:
         self.peer_id, self.opened, self.push_target, self.direct = peer_id, False, None, False
         self._sent: dict[int, torch.Tensor] = {}
 
-    async def open(self, p2p, direct=True):
+    async def open(self, dialer, direct=True):
         await asyncio.sleep(0)
         if self.peer_id in self.failing:
             raise RemotePeerError(self.peer_id, "cannot open a session: connection refused")
@@ -239,7 +239,7 @@ def session_stub(monkeypatch, route: list[RouteHop]) -> InferenceSession:
     async def make_route(start, end, **kwargs):
         return route
 
-    remote = SimpleNamespace(make_route=make_route, span_request=lambda hop, **kwargs: None, p2p=None,
+    remote = SimpleNamespace(make_route=make_route, span_request=lambda hop, **kwargs: None, dialer=None, loop=None,
                              num_blocks=NUM_BLOCKS, config=ClientConfig(), bans=PeerBans(5.0, 120.0))
     remote.attempts = lambda what: Attempts(remote, what)
     monkeypatch.setattr(session_module, "InferenceStream", FakeStream)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from swarmlm.monitoring.metrics import PeerMetrics
-from swarmlm.monitoring.trainer_metrics import TrainerMetrics
+from swarmlm.training.metrics import TrainerMetrics
 from swarmlm.training.config import TrainConfig
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"

@@ -18,7 +18,7 @@ from swarmlm.local_swarm import local_swarm, start_peer
 
 from swarmlm.client.rpc import InferenceStream
 from swarmlm.errors import RemotePeerError
-from swarmlm.experts.direct import HELLO, connect
+from swarmlm.transport.direct import HELLO, connect
 from swarmlm.experts.protocol import SpanRequest
 from swarmlm.models.embedded import DEFAULT_MODEL
 
@@ -92,7 +92,7 @@ def _session_step(model, peer: str, address: str | None, blocks=(0, 3)) -> tuple
     stream = InferenceStream(peer, span, address)
 
     async def run():
-        await stream.open(remote.p2p)
+        await stream.open(remote.dialer)
         try:
             return stream.direct, await stream.step(0, torch.randn(1, 1, HIDDEN), torch.zeros(1, 1, dtype=torch.long),
                                                     None, 30)

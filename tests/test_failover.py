@@ -214,11 +214,11 @@ def test_a_leaving_peer_finishes_its_session_and_refuses_new_work(client, replic
 
         hidden = torch.zeros(1, 2, client.config.hidden_size)
         with pytest.raises(RemotePeerError, match="shutting down"):
-            remote.loop.run(call_forward(remote.p2p, hop.peer_id, remote.span_request(hop), hidden,
+            remote.loop.run(call_forward(remote.dialer, hop.peer_id, remote.span_request(hop), hidden,
                                          torch.arange(2)[None], None, 10.0))
 
         async def open_and_step(stream):
-            await stream.open(remote.p2p)
+            await stream.open(remote.dialer)
             try:
                 return await stream.step(0, hidden, torch.arange(2)[None], None, 10.0)
             finally:
@@ -265,10 +265,10 @@ def test_a_leaving_peer_answers_the_forward_call_it_is_running(client, replicas)
     positions = torch.arange(2048).repeat(8, 1)  # 8 x 2048 tokens: the peer computes for a while
 
     def forward(peer_id: str):
-        return call_forward(remote.p2p, peer_id, span, hidden, positions, None, 120.0)
+        return call_forward(remote.dialer, peer_id, span, hidden, positions, None, 120.0)
 
     call = remote.loop.submit(forward(leaving))
-    wait_until(lambda: call.done() or remote.loop.run(call_info(remote.p2p, leaving, 5.0)).active_calls > 0, 60,
+    wait_until(lambda: call.done() or remote.loop.run(call_info(remote.dialer, leaving, 5.0)).active_calls > 0, 60,
                "the forward call running on the peer")
     assert not call.done(), "the forward call ended before the peer was asked to leave: make it longer"
     process = replicas.leave(leaving)

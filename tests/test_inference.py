@@ -213,7 +213,7 @@ def _free_cache_tokens(model) -> dict[str, int]:
     from swarmlm.client.rpc import call_info
 
     remote = model.remote
-    return {peer_id: remote.loop.run(call_info(remote.p2p, peer_id, 10.0)).free_cache_tokens
+    return {peer_id: remote.loop.run(call_info(remote.dialer, peer_id, 10.0)).free_cache_tokens
             for peer_id in remote.manager.candidates()}
 
 

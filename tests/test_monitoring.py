@@ -120,13 +120,13 @@ def test_requests_are_counted_by_kind_and_outcome(monitored_swarm, model):
 
     remote = model.remote
     with pytest.raises(RemotePeerError, match="not served here"):
-        remote.loop.run(call_forward(remote.p2p, first, SpanRequest(model=DEFAULT_MODEL, start=0, end=5),
+        remote.loop.run(call_forward(remote.dialer, first, SpanRequest(model=DEFAULT_MODEL, start=0, end=5),
                                      torch.randn(1, 2, HIDDEN), torch.arange(2)[None], None, 30))
     too_big = SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=2048, batch_size=3)  # 6144 > 4096 tokens
 
     async def open_too_big_session():
         stream = InferenceStream(first, too_big)
-        await stream.open(remote.p2p)
+        await stream.open(remote.dialer)
         try:
             await stream.step(0, torch.randn(3, 1, HIDDEN), torch.zeros(3, 1, dtype=torch.long), None, 30)
         finally:

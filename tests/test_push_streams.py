@@ -1,18 +1,18 @@
-"""A peer's push streams to other peers (SpanHandler._push): idle ones are closed, failed ones retried later.
+"""A peer's push streams to other peers (Pushes.push): idle ones are closed, failed ones retried later.
 No processes: the streams are stand-ins that record what happens to them."""
 
 from __future__ import annotations
 
 import time
 
-import swarmlm.peer.handler as handler_module
+import swarmlm.peer.push as push_module
 from swarmlm.experts.protocol import PushTarget
 from swarmlm.monitoring.metrics import PeerMetrics
-from swarmlm.peer.handler import PUSH_IDLE_SECONDS, PUSH_RETRY_SECONDS, SpanHandler
+from swarmlm.peer.push import PUSH_IDLE_SECONDS, PUSH_RETRY_SECONDS, Pushes
 
 
 class _Stream:
-    expired = handler_module._PushStream.expired  # the real rule
+    expired = push_module.PushStream.expired  # the real rule
 
     def __init__(self, *_, **__):
         self.started = self.last_used = time.monotonic()
@@ -29,15 +29,11 @@ class _Stream:
         self.closed = True
 
 
-def _handler(monkeypatch) -> SpanHandler:
-    monkeypatch.setattr(handler_module, "_PushStream", _Stream)
-    handler = SpanHandler.__new__(SpanHandler)  # only the push-stream state is used here
-    handler._p2p = object()
-    handler.direct = None  # pushes go over p2p
-    handler.metrics = PeerMetrics()
-    handler._push_streams = {}
-    handler._push_streams_checked = time.monotonic()
-    return handler
+def _handler(monkeypatch) -> Pushes:
+    monkeypatch.setattr(push_module, "PushStream", _Stream)
+    pushes = Pushes(PeerMetrics(), max_message_bytes=2**20)
+    pushes.dialer = object()  # the stand-in streams never dial
+    return pushes
 
 
 def _target(i: int) -> PushTarget:
@@ -47,28 +43,28 @@ def _target(i: int) -> PushTarget:
 
 def test_a_stream_opens_on_first_use_then_carries_pushes(monkeypatch):
     handler, target = _handler(monkeypatch), _target(1)
-    assert handler._push(target, None) is False  # opening in the background
-    assert handler._push(target, None) is True
-    assert handler._push_streams[target.peer_id].sent == 1
+    assert handler.push(target, None) is False  # opening in the background
+    assert handler.push(target, None) is True
+    assert handler.streams[target.peer_id].sent == 1
 
 
 def test_idle_and_failed_streams_are_closed_and_reopened_later(monkeypatch):
     handler = _handler(monkeypatch)
     idle, busy, failed = _target(1), _target(2), _target(3)
     for target in (idle, busy, failed):
-        handler._push(target, None)
-    streams = dict(handler._push_streams)
+        handler.push(target, None)
+    streams = dict(handler.streams)
     now = time.monotonic()
     streams[idle.peer_id].last_used = now - PUSH_IDLE_SECONDS
     streams[failed.peer_id].closed = True
     streams[failed.peer_id].started = now - PUSH_RETRY_SECONDS
-    handler._push_streams_checked = now - PUSH_IDLE_SECONDS  # the periodic check is due
-    assert handler._push(busy, None) is True
-    assert streams[idle.peer_id].closed and set(handler._push_streams) == {busy.peer_id}
-    assert handler._push(failed, None) is False  # a fresh stream opens for the next push
-    assert handler._push_streams[failed.peer_id] is not streams[failed.peer_id]
+    handler._checked = now - PUSH_IDLE_SECONDS  # the periodic check is due
+    assert handler.push(busy, None) is True
+    assert streams[idle.peer_id].closed and set(handler.streams) == {busy.peer_id}
+    assert handler.push(failed, None) is False  # a fresh stream opens for the next push
+    assert handler.streams[failed.peer_id] is not streams[failed.peer_id]
 
 
 def test_a_target_that_is_no_peer_id_is_not_pushed_to(monkeypatch):
     handler = _handler(monkeypatch)
-    assert handler._push(_target(0), None) is False and handler._push_streams == {}
+    assert handler.push(_target(0), None) is False and handler.streams == {}

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM
 from swarmlm.models.embedded import DEFAULT_MODEL
 
 SEQ_LEN, MICRO_BATCH, TRAIN_SAMPLES = 64, 4, 16
-TRAIN_ARGS = ("--train", "--train-run-id", "test", "--target-batch-size", "16", "--lr", "3e-3",
+TRAIN_ARGS = ("--train", "--run-id", "test", "--target-batch-size", "16", "--lr", "3e-3",
               "--matchmaking-time", "1", "--averaging-timeout", "10", "--throughput", "1000")
 WAIT = 90.0  # seconds any single expected event may take on a loaded 2-core machine
 EXACT = dict(atol=1e-6)  # all-reduce leaves replicas equal up to float rounding (x + (avg - x))
@@ -325,7 +325,7 @@ def _bad_state_request(remote, node: NodeProcess) -> str:
 
     request = SpanRequest(model=remote.model, start=2, end=6)  # the peer serves 0:4
     try:
-        remote.loop.run(call_state(remote.p2p, _peer_id(node), request, {}, 30.0))
+        remote.loop.run(call_state(remote.dialer, _peer_id(node), request, {}, 30.0))
     except RemotePeerError as e:
         return str(e)
     return "no error"

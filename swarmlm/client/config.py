@@ -22,6 +22,6 @@ class ClientConfig:
     push_timeout: float = 1.0  # a pushed step not answered within max(this, 4x the hop's usual answer time) is
     # sent by the client itself, and pushes into that hop stop (a lost push costs this long, not request_timeout)
     direct_connections: bool = True  # inference sessions use a peer's direct TCP address when it serves them (its
-    # rpc_info says where; plain TCP, see swarmlm.experts.direct); p2p otherwise, and whenever that connection fails
+    # rpc_info says where; plain TCP, see swarmlm.transport.direct); p2p otherwise, and whenever that connection fails
     use_nat_port_map: bool = False  # the client never needs a port mapping: it only dials out
     startup_timeout: float = 60.0  # seconds to wait for the client's p2p daemon to start

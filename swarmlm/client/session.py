@@ -5,24 +5,22 @@ position ids, attention mask). When a peer fails mid-session (crash, timeout, "b
 session bans it, opens sessions for exactly its blocks on a replacement route, replays that
 hop's whole input history through them and continues; later hops never notice.
 
-A session whose route runs on direct connections only (swarmlm.experts.direct) steps on its own event loop
-in the caller's thread: a token then costs no hand-off to the client's network thread and back (about 0.15 ms
-per token on a 2-core machine). Other sessions step on that shared thread, where the p2p streams live.
+Where its steps run (the client's network thread, or an event loop of its own for an all-direct route) is
+swarmlm.client.step_loop's business.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from swarmlm.client.routing import RouteHop
-from swarmlm.client.rpc import ForeignStream, InferenceStream
+from swarmlm.client.rpc import InferenceStream
+from swarmlm.client.step_loop import ForeignStream, StepLoop
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
 from swarmlm.experts.protocol import PushTarget
@@ -105,7 +103,7 @@ class InferenceSession:
         self._prompts: Optional[torch.Tensor] = None  # deep prompts, resent whenever a hop starts from position 0
         self._batch: Optional[int] = None
         self._step_id = 0  # of the current step (peers echo it in their answers)
-        self._own_loop: Optional[asyncio.AbstractEventLoop] = None  # set when the first route is all direct (_choose_loop)
+        self._loop = StepLoop(remote.loop)  # where steps run: its own loop if the first route is all direct
         self._first_route: Optional[list[RouteHop]] = None  # the route _choose_loop found, for the first _open
         self.closed = False
 
@@ -118,7 +116,7 @@ class InferenceSession:
 
     @property
     def transports(self) -> list[str]:
-        """How the client reaches each hop: "direct" (plain TCP, swarmlm.experts.direct) or "p2p"."""
+        """How the client reaches each hop: "direct" (plain TCP, swarmlm.transport.direct) or "p2p"."""
         return ["direct" if hop.stream.direct else "p2p" for hop in self._hops]
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask_chunk: Optional[torch.Tensor],
@@ -148,28 +146,15 @@ class InferenceSession:
     # ---- where steps run ---------------------------------------------------------------------------------
 
     def _run(self, coro):
-        """Runs a step: on the session's own loop in this thread if it has one, else on the shared loop thread."""
-        if not self._hops and self._own_loop is None and self._first_route is None:
+        """Runs a step where the session's steps run (see StepLoop)."""
+        if not self._hops and self._loop.own is None and self._first_route is None:
             self._choose_loop()
-        if self._own_loop is None:
-            return self.remote.loop.run(coro)
-        loop = self._own_loop
-        task = loop.create_task(coro)
-        try:
-            with torch.inference_mode(False):  # the history's tensors are written in place by later steps
-                return _run_until_complete(loop, task)
-        except BaseException:
-            if not task.done():  # interrupted (KeyboardInterrupt): the session's state is unknown, so it ends
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    _run_until_complete(loop, task)
-                self.close()
-            raise
+        return self._loop.run(coro, on_interrupt=self.close)
 
     def _choose_loop(self) -> None:
         """Before the first step: finds the route and, if every hop of it serves direct connections (and the
         client uses them), gives the session its own event loop. A failure here is left to the step's retries."""
-        if not self.remote.config.direct_connections or _running_loop() is not None:
+        if not self.remote.config.direct_connections or not self._loop.can_own():
             return
         try:
             route = self.remote.loop.run(self.remote.make_route(
@@ -178,13 +163,7 @@ class InferenceSession:
             return
         self._first_route = route
         if all(hop.direct_address is not None for hop in route):
-            self._own_loop = asyncio.new_event_loop()
-
-    async def _on_shared(self, coro):
-        """Awaits `coro` on the client's shared loop (DHT reads, probes and p2p streams live there)."""
-        if self._own_loop is None:
-            return await coro
-        return await asyncio.wrap_future(self.remote.loop.submit(coro))
+            self._loop.use_own()
 
     # ---- one step ----------------------------------------------------------------------------------------
 
@@ -281,7 +260,7 @@ class InferenceSession:
         route, self._first_route = self._first_route, None
         if route is None or (route[0].start, route[-1].end) != (start, end):
             cache_tokens = self._batch * self.max_length
-            route = await self._on_shared(self.remote.make_route(start, end, mode="latency", cache_tokens=cache_tokens))
+            route = await self._loop.on_shared(self.remote.make_route(start, end, mode="latency", cache_tokens=cache_tokens))
         hops = [_Hop(r, InferenceStream(r.peer_id, self.remote.span_request(
             r, max_length=self.max_length, batch_size=self._batch), r.direct_address)) for r in route]
         logger.info(f"Route for blocks {start}:{end}: " + " -> ".join(f"{r.peer_id[-6:]}[{r.start}:{r.end}]" for r in route))
@@ -301,13 +280,7 @@ class InferenceSession:
         return hops
 
     async def _open_stream(self, hop: _Hop, direct: bool) -> None:
-        """Opens the hop's stream: directly if it can, else over p2p (on the shared loop, where p2p streams live)."""
-        if self._own_loop is None:
-            return await hop.stream.open(self.remote.p2p, direct)
-        if direct and await hop.stream.open_direct():
-            return
-        hop.stream = ForeignStream(hop.stream, self.remote.loop.loop)
-        await hop.stream.open_p2p(self.remote.p2p)
+        hop.stream = await self._loop.open(hop.stream, self.remote.dialer, direct)
 
     async def _replace(self, i: int, attempts) -> None:
         """Replaces hop i by a fresh route for its blocks; the new hops start empty (length 0), so the
@@ -326,40 +299,10 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
-        own, self._own_loop = self._own_loop, None
-        for hop in self._hops:
-            if own is None:
-                self.remote.loop.loop.call_soon_threadsafe(hop.stream.close)
-            else:
-                hop.stream.close()  # a ForeignStream hands it over to the shared loop
-        if own is not None:
-            with contextlib.suppress(Exception):
-                _run_until_complete(own, _settle())  # the closed connections release their sockets
-            own.close()
+        self._loop.close([hop.stream for hop in self._hops])
 
     def __enter__(self) -> "InferenceSession":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _run_until_complete(loop: asyncio.AbstractEventLoop, awaitable):
-    """loop.run_until_complete(awaitable) in this thread, or in a helper thread where this one already runs an
-    event loop (a notebook's, say), which would refuse to run another."""
-    if _running_loop() is None:
-        return loop.run_until_complete(awaitable)
-    with ThreadPoolExecutor(1, thread_name_prefix="swarmlm-session") as pool:
-        return pool.submit(loop.run_until_complete, awaitable).result()
-
-
-async def _settle() -> None:
-    for _ in range(3):
-        await asyncio.sleep(0)

@@ -22,6 +22,7 @@ from swarmlm.client.rpc import call_backward, call_forward, call_info
 from swarmlm.dht.node import create_dht, shutdown_dht
 from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
 from swarmlm.experts.protocol import SpanRequest
+from swarmlm.transport import Dialer
 from swarmlm.utils.aio import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class RemoteSequential:
                               use_nat_port_map=config.use_nat_port_map, startup_timeout=config.startup_timeout)
         self.loop = LoopThread("swarmlm-client-rpc")
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=config.startup_timeout)
+        self.dialer = Dialer(self.p2p, direct=config.direct_connections)  # every call and stream to peers goes here
         self.manager = SequenceManager(self.dht, model, num_blocks, config.route_refresh_period, hint)
         self.bans = PeerBans(config.ban_duration, config.max_ban_duration)
 
@@ -59,7 +61,7 @@ class RemoteSequential:
         async def probe_one(peer_id: str) -> None:
             started = time.perf_counter()
             try:
-                info = await call_info(self.p2p, peer_id, self.config.probe_timeout)
+                info = await call_info(self.dialer, peer_id, self.config.probe_timeout)
             except RemotePeerError as e:
                 logger.info(f"Leaving {peer_id} out of routes for {self.bans.ban(peer_id):.0f} s: {e}")
                 return
@@ -114,7 +116,7 @@ class RemoteSequential:
                 continue
             request, hop_prompts = self._hop_request(hop, prompts)
             try:
-                output = await call_forward(self.p2p, hop.peer_id, request, hidden, position_ids, mask,
+                output = await call_forward(self.dialer, hop.peer_id, request, hidden, position_ids, mask,
                                             self.config.request_timeout, hop_prompts)
             except RemotePeerError as e:
                 await attempts.failed(e, hop.peer_id)
@@ -141,7 +143,7 @@ class RemoteSequential:
                 request, piece_prompts = self._hop_request(piece, prompts)
                 try:
                     piece_grad, piece_prompt_grad = await call_backward(
-                        self.p2p, piece.peer_id, request, piece_input, piece_grad, position_ids, mask,
+                        self.dialer, piece.peer_id, request, piece_input, piece_grad, position_ids, mask,
                         self.config.request_timeout, piece_prompts)
                 except RemotePeerError as e:
                     failed = e

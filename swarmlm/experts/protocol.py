@@ -8,24 +8,22 @@ data with the `parse_*` functions below, which raise `RequestError` with a clear
 
 from __future__ import annotations
 
-import asyncio
-from typing import AsyncIterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import msgpack
 import numpy as np
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from swarmlm.errors import CacheBudgetError, RemotePeerError, RequestError
-from swarmlm.experts.direct import ADDRESS_PATTERN
 
 PROTOCOL_VERSION = 1
 MAX_METADATA_BYTES = 64 * 1024
 STATE_CHUNK_BYTES = 2 * 1024**2  # rpc_state messages stay below the p2p daemon's 4 MiB message limit
+ADDRESS_PATTERN = r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$"  # a direct address a peer's info may name: IPV4:PORT
 
 
 class _Wire(BaseModel):
@@ -87,7 +85,7 @@ class PeerInfo(_Wire):
     active_calls: int = Field(default=0, ge=0)  # forward/backward/state calls being answered now
     training_epoch: Optional[int] = Field(default=None, ge=0)  # the span's epoch on a training peer; None: frozen
     direct_address: Optional[str] = Field(default=None, max_length=21, pattern=ADDRESS_PATTERN)  # "IPV4:PORT" where
-    # the peer serves direct connections (swarmlm.experts.direct), if it does; learned only from this answer, which
+    # the peer serves direct connections (swarmlm.transport.direct), if it does; learned only from this answer, which
     # comes over the p2p channel that authenticates the peer (a DHT record or a client could name any address)
 
 
@@ -98,60 +96,23 @@ class StateTensor(_Wire):
     training_epoch: Optional[int] = Field(default=None, ge=0)  # as in PeerInfo: the state's epoch, None if frozen
 
 
-class SpanService(ServicerBase):
-    """The RPC interface of a peer; `swarmlm.peer.handler.SpanHandler` implements it.
+# ---- methods: what a peer serves (swarmlm.peer.handler), by name on the wire (swarmlm.transport.p2p) -----------
 
-    Clients get a stub with `SpanService.get_stub(p2p, peer_id)`; handle names are fixed here so
-    that the implementation class and the stub agree.
-    """
-
-    @classmethod
-    def _get_handle_name(cls, namespace, method_name: str) -> str:
-        name = f"swarmlm.SpanService.{method_name}"
-        return f"{namespace}::{name}" if namespace is not None else name
-
-    async def rpc_forward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """[hidden, position_ids, (attention_mask)] + SpanRequest -> [hidden]"""
-        raise NotImplementedError
-        yield
-
-    async def rpc_backward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """[hidden, grad_outputs, position_ids, (attention_mask)] + SpanRequest -> [grad_hidden]"""
-        raise NotImplementedError
-        yield
-
-    async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """SpanRequest(max_length, batch_size), then per step [hidden, position_ids, (mask)] + InferenceStep"""
-        raise NotImplementedError
-        yield
-
-    async def rpc_push(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """A long-lived stream from another peer: inference steps (as sent by clients, with InferenceStep.session_id)
-        for sessions opened here with that session_id; each is run as if the session's client had sent it, and
-        answered on the client's stream. Nothing is answered on this stream."""
-        raise NotImplementedError
-        yield
-
-    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """(empty request) -> PeerInfo in metadata; cheap, so clients also use it to measure round-trip time"""
-        raise NotImplementedError
-
-    async def rpc_state(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """SpanRequest(model, start, end) -> the blocks' current tensors, each as chunks of at most
-        STATE_CHUNK_BYTES (hivemind split_for_streaming), one message per chunk; a tensor's first message
-        carries StateTensor (its checkpoint name) in metadata. Taken in one snapshot between steps."""
-        raise NotImplementedError
-        yield
+FORWARD = "forward"  # protobuf, stream: [hidden, position_ids, (attention_mask)] + SpanRequest -> [hidden]
+BACKWARD = "backward"  # protobuf, stream: [hidden, grad_outputs, position_ids, (attention_mask)] + SpanRequest
+# -> [grad_hidden] (+ [grad_prompts] with deep prompts)
+STATE = "state"  # protobuf, stream: SpanRequest(model, start, end) -> the blocks' current tensors, each as chunks of
+# at most STATE_CHUNK_BYTES (hivemind split_for_streaming), one message per chunk; a tensor's first message carries
+# StateTensor (its checkpoint name) in metadata. Taken in one snapshot between optimizer steps.
+INFO = "info"  # protobuf, unary: (empty request) -> PeerInfo in metadata; cheap, so clients also use it to
+# measure round-trip time
+INFERENCE = "inference"  # channel: SpanRequest(max_length, batch_size, session_id), then per step
+# [hidden, position_ids, (mask)] + InferenceStep; one StepResult answer per message (the first: position 0)
+PUSH = "push"  # channel: a long-lived stream from another peer: inference steps (as sent by clients, with
+# InferenceStep.session_id) for sessions opened here with that session_id; each is run as if the session's client
+# had sent it, and answered on the client's channel. Nothing is answered on this stream.
+CHANNEL_METHODS = (INFERENCE, PUSH)  # raw framed streams, also served on direct connections
+STREAM_METHODS = (FORWARD, BACKWARD, STATE)
 
 
 def pack(meta: _Wire) -> bytes:
@@ -172,40 +133,6 @@ def unpack(data: bytes, kind: type[_Wire]) -> _Wire:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'metadata'}: {err['msg']}" for err in e.errors())
         raise RequestError(f"invalid {kind.__name__}: {problems}") from None
-
-
-def stream_frame(message) -> bytes:
-    """A protobuf `message` framed as hivemind's protobuf streams frame it (marker byte, 8-byte length, bytes),
-    for writing straight into a raw p2p stream (P2P.call_binary_stream_handler) in one write."""
-    data = message.SerializeToString()
-    return P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data
-
-
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Optional[runtime_pb2.ExpertRequest]:
-    """The next request of a raw p2p stream in that framing; None where the stream ends (an end-of-stream or
-    error frame, or the connection closing, even mid-frame). RequestError on an unknown marker, a message over
-    `max_bytes` (refused before it is read) or bytes that are no ExpertRequest."""
-    try:
-        marker = await reader.readexactly(1)
-        if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
-            raise RequestError(f"unknown stream frame marker {marker!r}")
-        size = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
-        if size > max_bytes:
-            raise RequestError(f"a message of {size} bytes exceeds this peer's limit of {max_bytes}")
-        data = await reader.readexactly(size)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    if marker == P2P.ERROR_MARKER:
-        return None
-    request = runtime_pb2.ExpertRequest()
-    try:
-        request.ParseFromString(data)
-    except Exception as e:
-        raise RequestError(f"a message is not a valid ExpertRequest ({type(e).__name__})") from None
-    return request
-
-
-END_OF_STREAM_FRAME = P2P.ERROR_MARKER + len(P2P.END_OF_STREAM.SerializeToString()).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
 
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
@@ -330,6 +257,5 @@ __all__ = [
     "pack",
     "serialize",
     "serialize_all",
-    "stream_frame",
     "unpack",
 ]

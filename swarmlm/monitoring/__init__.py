@@ -1,5 +1,5 @@
-"""Monitoring: Prometheus metrics of a peer (metrics.py) and of a trainer (trainer_metrics.py), the swarm health
-report and its web page."""
+"""Monitoring: Prometheus metrics of a peer (metrics.py; a trainer's are built on them in
+swarmlm.training.metrics), the swarm health report and its web page."""
 
 from swarmlm.monitoring.metrics import PeerMetrics
 

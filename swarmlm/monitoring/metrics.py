@@ -25,7 +25,7 @@ from swarmlm.dht.records import ServerRecord, ServerState
 
 RPC_KINDS = ("forward", "backward", "inference")
 OUTCOMES = ("ok", "bad_request", "busy", "error")
-TRANSPORTS = ("direct", "p2p")  # how a peer sends pushed steps (see swarmlm.experts.direct)
+TRANSPORTS = ("direct", "p2p")  # how a peer sends pushed steps (see swarmlm.transport.direct)
 PEER_STATES = tuple(state.name.lower() for state in ServerState)
 AVERAGING_KINDS = ("gradients", "state")  # the kinds of swarmlm.training.optimizer.AveragingRounds
 AVERAGING_OUTCOMES = ("completed", "failed")

@@ -1,4 +1,5 @@
-"""PeerConfig: every setting of a volunteer peer, one comment each; `swarmlm peer` maps onto it."""
+"""PeerConfig and SpanTrainingConfig: every setting of a volunteer peer, one help text each (swarmlm.settings
+turns them into the flags, env vars and config file keys of `swarmlm peer`)."""
 
 from __future__ import annotations
 
@@ -6,43 +7,108 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from swarmlm.experts.direct import direct_hosts, loopback_only
-from swarmlm.training.span_trainer import SpanTrainingConfig
+from swarmlm.settings import setting
+from swarmlm.transport.direct import direct_hosts, loopback_only
+
+
+@dataclass(frozen=True)
+class SpanTrainingConfig:
+    """How a training peer (`swarmlm peer --train`) trains its span with the replicas of that span.
+
+    lr, target_batch_size and averaging_timeout default lower than `swarmlm train`'s: these are the blocks of
+    a (pre)trained model, and requests wait for an epoch's averaging (PeerConfig.request_timeout >= 2x)."""
+
+    run_id: str = field(default="swarmlm", metadata=setting(
+        "replicas with the same run id, model and blocks train together"))
+    target_batch_size: int = field(default=64, metadata=setting(
+        "samples all replicas of the span process per epoch (one optimizer step)"))
+    lr: float = field(default=1e-4, metadata=setting("AdamW learning rate (tuned for target_batch_size)"))
+    weight_decay: float = field(default=0.0, metadata=setting("AdamW weight decay"))
+    average_state_every: int = field(default=1, metadata=setting(
+        "average parameters and Adam statistics every this many epochs"))
+    matchmaking_time: float = field(default=5.0, metadata=setting(
+        "seconds to wait for replicas to form an averaging group"))
+    averaging_timeout: float = field(default=30.0, metadata=setting(
+        "an averaging round that takes longer (seconds) is abandoned (local results are kept)"))
+    load_state_timeout: float = field(default=120.0, metadata=setting(
+        "seconds to wait for a download of the replicas' state"))
+    progress_expiration: float = field(default=30.0, metadata=setting(
+        "seconds a replica's progress record lives in the DHT (dead replicas vanish)"))
+    tick_period: float = field(default=0.25, metadata=setting(
+        "seconds between checks whether the span's replicas finished an epoch"))
+
+    def __post_init__(self):
+        if not self.run_id or any(c.isspace() for c in self.run_id):
+            raise ValueError(f"the training run id must be a non-empty word, got {self.run_id!r}")
+        if self.target_batch_size < 1 or self.average_state_every < 1:
+            raise ValueError("target_batch_size and average_state_every must be >= 1")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if not 0 < self.matchmaking_time < self.averaging_timeout:
+            raise ValueError("need 0 < matchmaking_time < averaging_timeout")
+        if self.tick_period <= 0 or self.progress_expiration <= 0 or self.load_state_timeout <= 0:
+            raise ValueError("tick_period, progress_expiration and load_state_timeout must be > 0")
 
 
 @dataclass
 class PeerConfig:
-    model: str  # embedded model name, checkpoint directory or HF repo id (from the local cache)
-    blocks: Optional[tuple[int, int]] = None  # serve blocks [start, end); None: choose by num_blocks
-    num_blocks: Optional[int] = None  # with blocks=None: host this many blocks where the swarm is weakest
-    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm members
-    new_swarm: bool = False  # start a new swarm (no initial peers needed)
-    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])  # where to listen
-    announce_maddrs: list[str] = field(default_factory=list)  # public addresses to announce (behind NAT)
-    identity_path: Optional[str] = None  # libp2p private key file: a stable peer id across restarts
-    use_nat_port_map: bool = False  # ask the gateway for a port mapping (NAT-PMP/UPnP); never on loopback
-    use_relay: bool = True  # allow libp2p circuit relays (peers behind NAT)
-    direct: Optional[bool] = None  # also serve inference sessions and pushes over plain TCP (unencrypted: local
-    # swarms and trusted LANs; see swarmlm.experts.direct); None: only where every address is loopback (`serves_direct`)
-    direct_port: int = 0  # TCP port of direct connections (0: any free port)
-    dht_prefix: Optional[str] = None  # the model's name in the DHT (default: resolved model name)
-    public_name: Optional[str] = None  # a human-readable name shown in health reports
-    device: str = "cpu"  # torch device of the blocks
-    torch_dtype: str = "float32"  # dtype of weights and compute: float32, float16, bfloat16
-    num_threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
-    max_cache_tokens: int = 16384  # KV-cache budget: sum over sessions of batch x max_length
-    max_batch_size: int = 64  # largest batch accepted in one request
-    max_request_tokens: int = 16384  # largest batch x seq in one forward/backward/inference message
-    max_session_length: Optional[int] = None  # longest session (default: the model's max positions)
-    request_timeout: float = 60.0  # seconds one forward/backward/inference step may take
-    session_timeout: float = 300.0  # an inference session idle this long is closed, its cache freed
-    update_period: float = 30.0  # seconds between DHT announcements (records expire after 2x)
-    balance_period: float = 120.0  # with num_blocks: seconds (+-50% jitter) between checks whether to move
-    balance_margin: float = 0.2  # move only if the swarm's weakest block gets this much faster (0.2 = +20%)
-    throughput: Optional[float] = None  # announced tokens/s per block (default: measured at start)
-    startup_timeout: float = 60.0  # seconds to wait for the p2p daemon to start
-    metrics_port: Optional[int] = None  # serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port)
-    metrics_host: str = "127.0.0.1"  # where the metrics endpoint listens (0.0.0.0 to let other machines scrape)
+    model: str = field(metadata=setting("embedded model name, checkpoint directory or HF repo id (from the local "
+                                        "HF cache)"))
+    blocks: Optional[tuple[int, int]] = field(default=None, metadata=setting(
+        "serve blocks A:B (A inclusive, B exclusive); or give num_blocks", metavar="A:B", excludes=("num_blocks",)))
+    num_blocks: Optional[int] = field(default=None, metadata=setting(
+        "serve N blocks where the swarm is weakest (instead of blocks)", metavar="N"))
+    initial_peers: list[str] = field(default_factory=list, metadata=setting(
+        "multiaddrs of any swarm members", metavar="MADDR"))
+    new_swarm: bool = field(default=False, metadata=setting("start a new swarm instead of joining one"))
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"], metadata=setting(
+        "where to listen (e.g. /ip4/0.0.0.0/tcp/31337 for a public peer)", metavar="MADDR"))
+    announce_maddrs: list[str] = field(default_factory=list, metadata=setting(
+        "public multiaddrs to announce (behind NAT)", metavar="MADDR"))
+    identity_path: Optional[str] = field(default=None, metadata=setting(
+        "libp2p private key file: a stable peer id across restarts", metavar="FILE"))
+    use_nat_port_map: bool = field(default=False, metadata=setting(
+        "ask the gateway for a port mapping (NAT-PMP/UPnP); never on loopback"))
+    use_relay: bool = field(default=True, metadata=setting("allow libp2p circuit relays (peers behind NAT)"))
+    direct: Optional[bool] = field(default=None, metadata=setting(
+        "also serve inference sessions and pushed steps over plain, unencrypted TCP (no p2p daemon on the path: "
+        "less latency and CPU per token; for local swarms and trusted LANs; printed as DIRECT HOST:PORT before "
+        "READY). Default: on where every listen and announce address is loopback (127.x), off otherwise"))
+    direct_port: int = field(default=0, metadata=setting(
+        "TCP port of direct connections when they are on (0: any free port)", metavar="PORT"))
+    dht_prefix: Optional[str] = field(default=None, metadata=setting(
+        "the model's name in the DHT (default: from --model)", metavar="NAME"))
+    public_name: Optional[str] = field(default=None, metadata=setting("a name shown in health reports"))
+    device: str = field(default="cpu", metadata=setting("torch device of the blocks, e.g. cuda:0"))
+    torch_dtype: str = field(default="float32", metadata=setting(
+        "dtype of weights and compute", choices=("float32", "float16", "bfloat16")))
+    num_threads: Optional[int] = field(default=None, metadata=setting(
+        "torch intra-op threads (default: torch's)", metavar="N"))
+    max_cache_tokens: int = field(default=16384, metadata=setting(
+        "KV-cache budget: sum of batch x max_length over open sessions"))
+    max_batch_size: int = field(default=64, metadata=setting("largest batch accepted in one request"))
+    max_request_tokens: int = field(default=16384, metadata=setting(
+        "largest batch x seq in one forward/backward/inference message"))
+    max_session_length: Optional[int] = field(default=None, metadata=setting(
+        "longest inference session in tokens (default: the model's max positions)"))
+    request_timeout: float = field(default=60.0, metadata=setting(
+        "seconds one forward/backward/inference step may take"))
+    session_timeout: float = field(default=300.0, metadata=setting(
+        "seconds an idle inference session stays open (then its cache is freed)"))
+    update_period: float = field(default=30.0, metadata=setting(
+        "seconds between DHT announcements (records expire after 2x)"))
+    balance_period: float = field(default=120.0, metadata=setting(
+        "with num_blocks: seconds (+-50% jitter) between checks whether moving would help the swarm"))
+    balance_margin: float = field(default=0.2, metadata=setting(
+        "move only if the swarm's weakest block gets this much faster (0.2 = +20%)"))
+    throughput: Optional[float] = field(default=None, metadata=setting(
+        "announced tokens/s per block (default: measured at start)"))
+    startup_timeout: float = field(default=60.0, metadata=setting("seconds to wait for the p2p daemon to start"))
+    metrics_port: Optional[int] = field(default=None, metadata=setting(
+        "serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; printed as METRICS URL before "
+        "READY; default: no metrics)", metavar="PORT"))
+    metrics_host: str = field(default="127.0.0.1", metadata=setting(
+        "where /metrics listens (0.0.0.0: scrapable from other machines)", metavar="HOST"))
     training: Optional[SpanTrainingConfig] = None  # train the hosted blocks with their replicas; None: frozen weights
 
     @property

@@ -30,7 +30,6 @@ from swarmlm.dht.registry import (
     fetch_block_records,
     make_validators,
 )
-from swarmlm.experts.direct import direct_hosts
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
 from swarmlm.models.checkpoint import load_tensors, resolve_model
@@ -39,23 +38,33 @@ from swarmlm.monitoring.metrics import PeerMetrics
 from swarmlm.peer.block_selection import block_throughputs, choose_span
 from swarmlm.peer.cache_budget import CacheBudget
 from swarmlm.peer.config import PeerConfig
-from swarmlm.peer.handler import Limits, SpanHandler
+from swarmlm.peer.handler import SpanHandler
+from swarmlm.peer.validation import Limits
 from swarmlm.peer.rebalancing import plan_move
 from swarmlm.peer.throughput import measure_throughput
-from swarmlm.training.lifetime import children_die_with_this_process
-from swarmlm.training.span_trainer import SpanTrainer, TrainingReport
+from swarmlm.peer.trainer_hook import BlockTrainer
+from swarmlm.transport import Server
+from swarmlm.transport.direct import direct_hosts
 from swarmlm.utils.aio import LoopThread
+from swarmlm.utils.lifetime import children_die_with_this_process
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+TrainerFactory = Callable[[BlockSpan, str, hivemind.DHT, PeerMetrics], BlockTrainer]  # (span, model, dht, metrics)
+# -> a trainer that has joined its replicas' run (swarmlm.training.peer.span_trainer_factory)
+
+
 class Peer:
-    def __init__(self, config: PeerConfig, on_training_report: Optional[Callable[[TrainingReport], None]] = None):
+    def __init__(self, config: PeerConfig, make_trainer: Optional[TrainerFactory] = None):
+        if (config.training is None) != (make_trainer is None):
+            raise ValueError("a training peer (config.training) needs make_trainer, and only a training peer takes "
+                             "one: see swarmlm.training.peer.make_peer")
         self.config = config
-        self.on_training_report = on_training_report  # training peers: called at each averaging round and epoch
-        self.trainer: Optional[SpanTrainer] = None  # set by start() when config.training is set
+        self.make_trainer = make_trainer
+        self.trainer: Optional[BlockTrainer] = None  # set by start() when config.training is set
         self.dht: Optional[hivemind.DHT] = None
         self.handler: Optional[SpanHandler] = None
         self.span: Optional[BlockSpan] = None
@@ -167,17 +176,14 @@ class Peer:
             span.layers[block - start] = layer
         return span.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-    def _start_training(self, span: BlockSpan) -> SpanTrainer:
+    def _start_training(self, span: BlockSpan) -> BlockTrainer:
         """Makes the span trainable (float32, requires grad) and joins its replicas' run, downloading their
         state if they are already training. Optimizer steps run on the handler's compute thread, so every
         request step that reads the parameters must run there too. Inference sessions stay allowed, but a
         session on a training peer sees the weights change at each epoch."""
         children_die_with_this_process()  # hivemind's averager processes, forked next, die with this peer
         span.requires_grad_(True)
-        trainer = SpanTrainer(span, self.model_name, self.dht, self.config.training,
-                              on_report=self.on_training_report, on_rounds=self.metrics.averaging.observe)
-        trainer.join()
-        return trainer
+        return self.make_trainer(span, self.model_name, self.dht, self.metrics)
 
     @property
     def metrics_url(self) -> Optional[str]:
@@ -187,7 +193,7 @@ class Peer:
     async def _serve(self) -> None:
         c = self.config
         self._p2p = await self.dht.replicate_p2p()
-        await self.handler.add_p2p_handlers(self._p2p)
+        await self.handler.serve(Server(self._p2p))
         if c.serves_direct:
             bind, announce = direct_hosts(c.host_maddrs, c.announce_maddrs)
             self.direct_address = await self.handler.serve_direct(bind, c.direct_port, announce)

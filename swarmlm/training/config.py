@@ -1,22 +1,30 @@
-"""Every setting of a collaborative trainer, one comment each; `swarmlm train` maps onto these."""
+"""Every setting of a collaborative trainer, one help text each; `swarmlm train` takes them as flags
+(swarmlm.settings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
+from swarmlm.settings import setting
+
 
 @dataclass(frozen=True)
 class DataConfig:
-    sources: tuple[str, ...] = ()  # text files, dirs of text files, `save_to_disk` dataset dirs; () = builtin corpus
-    text_column: str = "text"  # the column that holds the text in a datasets directory
-    seq_len: int = 128  # tokens per training sample (documents are joined with EOS, then cut into chunks)
-    min_doc_chars: int = 64  # documents shorter than this after cleaning are dropped
-    val_fraction: float = 0.1  # share of documents (chosen by a hash of their text) held out for validation
-    max_val_samples: int = 64  # validation loss is measured on at most this many held-out samples
-    num_shards: int = 1  # the training samples are split into this many disjoint shards
-    shard_index: int = 0  # this volunteer trains only on shard `shard_index` (sample i belongs to shard i % num_shards)
-    seed: int = 0  # shuffles the order of samples inside a shard (per pass over the shard)
+    sources: tuple[str, ...] = field(default=(), metadata=setting(
+        "text files, directories of text files or datasets.save_to_disk directories (default: Python's built-in "
+        "help text)", flag="data", metavar="PATH"))
+    text_column: str = field(default="text", metadata=setting("the text column of a datasets directory"))
+    seq_len: int = field(default=128, metadata=setting(
+        "tokens per training sample (documents are joined with EOS, then cut into chunks)"))
+    min_doc_chars: int = field(default=64, metadata=setting("drop documents shorter than this after cleaning"))
+    val_fraction: float = field(default=0.1, metadata=setting(
+        "share of documents (chosen by a hash of their text) held out for validation"))
+    max_val_samples: int = field(default=64, metadata=setting("held-out samples evaluated every epoch"))
+    num_shards: int = field(default=1, metadata=setting("split the training samples into N disjoint shards"))
+    shard_index: int = field(default=0, metadata=setting(
+        "train on shard K (sample i is in shard i % num_shards)", metavar="K"))
+    seed: int = 0  # shuffles the order of samples inside a shard (per pass); `swarmlm train` gives TrainConfig.seed
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -31,27 +39,45 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    run_id: str  # every trainer with the same run_id trains the same model together (a DHT key prefix)
-    model: str  # embedded model name (fresh, seeded weights), checkpoint directory (its weights) or config.json path
+    """lr, target_batch_size and averaging_timeout default higher than a training peer's (SpanTrainingConfig):
+    a fresh model, and no requests wait for the averaging."""
+
+    run_id: str = field(metadata=setting(
+        "name of the training run: trainers with the same run id train the same model together (a DHT key prefix)"))
+    model: str = field(metadata=setting(
+        "embedded model name (fresh seeded weights), checkpoint directory (its weights) or config.json path"))
     data: DataConfig = field(default_factory=DataConfig)  # what to train on and how it is split
-    num_layers: Optional[int] = None  # fresh models only: override the config's number of decoder layers
-    seed: int = 0  # seeds the fresh model's weights (every trainer of a run must use the same seed)
-    batch_size: int = 8  # samples per local step (one forward + backward)
-    target_batch_size: int = 256  # samples the whole swarm processes per epoch (one global optimizer step)
-    epochs: int = 10  # stop when the swarm reaches this epoch
-    min_peers: int = 1  # wait until this many trainers (this one included) are in the run before the first step
-    lr: float = 1e-3  # AdamW learning rate (tuned for target_batch_size)
-    weight_decay: float = 0.0  # AdamW weight decay
-    local_updates: bool = False  # DiLoCo-style: each step updates locally; the swarm averages parameters instead
-    average_state_every: int = 1  # average parameters + Adam statistics every this many epochs
-    matchmaking_time: float = 5.0  # seconds to wait for peers to form an averaging group
-    averaging_timeout: float = 60.0  # an averaging round that takes longer is abandoned (local results are kept)
-    load_state_timeout: float = 120.0  # seconds to wait for a download of the swarm's state
-    finish_timeout: float = 120.0  # at the end, wait this long for the others to finish and agree on the parameters
-    progress_expiration: float = 30.0  # a trainer's progress record lives this long in the DHT (dead peers vanish)
-    save_dir: Optional[str] = None  # write the final checkpoint here (and every save_every epochs)
-    save_every: int = 0  # epochs between checkpoints; 0 = only at the end
-    show_progress: bool = True  # draw a progress bar on stderr
+    num_layers: Optional[int] = field(default=None, metadata=setting(
+        "fresh models only: override the config's number of decoder layers", metavar="N"))
+    seed: int = field(default=0, metadata=setting(
+        "weights of a fresh model (every trainer of a run must use the same) and the shard's sample order"))
+    batch_size: int = field(default=8, metadata=setting("samples per local step (one forward + backward)"))
+    target_batch_size: int = field(default=256, metadata=setting(
+        "samples the whole swarm processes per epoch (one global optimizer step)"))
+    epochs: int = field(default=10, metadata=setting("stop when the swarm reaches this epoch"))
+    min_peers: int = field(default=1, metadata=setting(
+        "wait for this many trainers (this one included) before the first step"))
+    lr: float = field(default=1e-3, metadata=setting("AdamW learning rate (tuned for target_batch_size)"))
+    weight_decay: float = field(default=0.0, metadata=setting("AdamW weight decay"))
+    local_updates: bool = field(default=False, metadata=setting(
+        "DiLoCo-style: each step updates locally; parameters are averaged every average_state_every epochs"))
+    average_state_every: int = field(default=1, metadata=setting(
+        "average parameters and Adam statistics every this many epochs (epochs must be a multiple)"))
+    matchmaking_time: float = field(default=5.0, metadata=setting(
+        "seconds to wait for peers to form an averaging group"))
+    averaging_timeout: float = field(default=60.0, metadata=setting(
+        "an averaging round that takes longer (seconds) is abandoned (local results are kept)"))
+    load_state_timeout: float = field(default=120.0, metadata=setting(
+        "seconds to wait for a download of the swarm's state"))
+    finish_timeout: float = field(default=120.0, metadata=setting(
+        "at the end, seconds to wait for the others to finish and agree on the parameters"))
+    progress_expiration: float = field(default=30.0, metadata=setting(
+        "seconds a trainer's progress record lives in the DHT (dead peers vanish)"))
+    save_dir: Optional[str] = field(default=None, metadata=setting(
+        "write the final checkpoint here (and every save_every epochs; served by `swarmlm peer`)", flag="save",
+        metavar="DIR"))
+    save_every: int = field(default=0, metadata=setting("epochs between checkpoints (0: only at the end)"))
+    show_progress: bool = field(default=True, metadata=setting("draw a progress bar on stderr", flag="progress"))
 
     def __post_init__(self):
         if self.batch_size < 1 or self.target_batch_size < 1:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
 from safetensors import safe_open
@@ -37,13 +36,14 @@ except ImportError:  # older 5.x releases: initialize, then overwrite
     from contextlib import nullcontext as no_init_weights
 
 from swarmlm.client.config import ClientConfig
-from swarmlm.client.rpc import answer_stream, call_info, call_peer
+from swarmlm.client.rpc import call_info, call_peer
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.dht.records import ServerState
 from swarmlm.dht.registry import fetch_block_records
 from swarmlm.errors import ExportError, RemotePeerError, RequestError
 from swarmlm.experts.families import ModelFamily, family_for_config
 from swarmlm.experts.protocol import (
+    STATE,
     PeerInfo,
     SpanRequest,
     StateTensor,
@@ -54,6 +54,7 @@ from swarmlm.experts.protocol import (
 )
 from swarmlm.models.checkpoint import load_tensors, resolve_model, tensor_files
 from swarmlm.training.checkpoint import save_checkpoint
+from swarmlm.transport import Dialer
 
 logger = logging.getLogger(__name__)
 
@@ -193,13 +194,13 @@ def _max_bytes(shape: tuple) -> int:
     return _numel(shape) * 4  # float32, the widest dtype accepted
 
 
-async def call_state(p2p: P2P, peer_id: str, request: SpanRequest, expected: dict[str, tuple],
+async def call_state(dialer: Dialer, peer_id: str, request: SpanRequest, expected: dict[str, tuple],
                      timeout: float) -> SpanState:
     """The current tensors of blocks [request.start, request.end) on one peer (rpc_state), validated against
     `expected` ({checkpoint name: shape}). Raises RemotePeerError on any failure or invalid answer."""
     async def call() -> SpanState:
         state_request = runtime_pb2.ExpertRequest(metadata=pack(request))
-        async with answer_stream(p2p, peer_id, "rpc_state", state_request) as stream:
+        async with dialer.answers(peer_id, STATE, state_request, runtime_pb2.ExpertResponse) as stream:
             reader = _StateReader(peer_id, expected)
             async for response in stream:
                 reader.add(check_response(peer_id, response))
@@ -215,7 +216,7 @@ def fetch_span_state(remote: RemoteSequential, peer_id: str, start: int, end: in
                      timeout: float = 60.0) -> SpanState:
     """Sync wrapper of `call_state` on a client's network loop (e.g. to compare replicas)."""
     request = SpanRequest(model=remote.model, start=start, end=end)
-    return remote.loop.run(call_state(remote.p2p, peer_id, request, expected, timeout))
+    return remote.loop.run(call_state(remote.dialer, peer_id, request, expected, timeout))
 
 
 # ---- choosing peers and fetching every block ---------------------------------------------------------
@@ -228,7 +229,7 @@ async def _online_peers(remote: RemoteSequential, probe_timeout: float) -> dict[
 
     async def probe(peer_id: str) -> Optional[PeerInfo]:
         try:
-            return await call_info(remote.p2p, peer_id, probe_timeout)
+            return await call_info(remote.dialer, peer_id, probe_timeout)
         except RemotePeerError as e:
             logger.warning(f"Leaving out {peer_id}: {e}")
             return None
@@ -264,7 +265,7 @@ async def fetch_blocks(remote: RemoteSequential, shapes: dict[int, dict[str, tup
         end = min(info.end, num_blocks)
         request = SpanRequest(model=remote.model, start=block, end=end)
         try:
-            state = await call_state(remote.p2p, peer_id, request, shapes_of(shapes, block, end), timeout)
+            state = await call_state(remote.dialer, peer_id, request, shapes_of(shapes, block, end), timeout)
         except RemotePeerError as e:
             logger.warning(f"Could not fetch blocks {block}:{end}: {e}; trying another peer")
             failed.add(peer_id)

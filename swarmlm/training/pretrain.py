@@ -9,7 +9,7 @@ TrainResult.
 
 Hook for metrics: `on_step(StepStats)` after every local step and `on_epoch(EpochStats)` after every epoch;
 EpochStats.averaging counts completed/failed averaging rounds (and the bytes put into them) by kind;
-`swarmlm.monitoring.trainer_metrics.TrainerMetrics` exports these as Prometheus metrics.
+`swarmlm.training.metrics.TrainerMetrics` exports these as Prometheus metrics.
 """
 
 from __future__ import annotations

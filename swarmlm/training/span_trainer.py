@@ -34,36 +34,11 @@ import torch
 
 from swarmlm.errors import RequestError
 from swarmlm.experts.span import BlockSpan
+from swarmlm.peer.config import SpanTrainingConfig  # re-exported: the settings of a training peer
 from swarmlm.training.optimizer import ADAM_STATISTICS
 from swarmlm.training.span_optimizer import SpanOptimizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SpanTrainingConfig:
-    run_id: str = "swarmlm"  # replicas with the same run id, model and blocks train together
-    target_batch_size: int = 64  # samples all replicas of the span process per epoch (one optimizer step)
-    lr: float = 1e-4  # AdamW learning rate (tuned for target_batch_size)
-    weight_decay: float = 0.0  # AdamW weight decay
-    average_state_every: int = 1  # average parameters and Adam statistics every this many epochs
-    matchmaking_time: float = 5.0  # seconds to wait for replicas to form an averaging group
-    averaging_timeout: float = 30.0  # an averaging round that takes longer is abandoned (local results are kept)
-    load_state_timeout: float = 120.0  # seconds to wait for a download of the replicas' state
-    progress_expiration: float = 30.0  # a replica's progress record lives this long in the DHT (dead ones vanish)
-    tick_period: float = 0.25  # seconds between checks whether the span's replicas finished an epoch
-
-    def __post_init__(self):
-        if not self.run_id or any(c.isspace() for c in self.run_id):
-            raise ValueError(f"the training run id must be a non-empty word, got {self.run_id!r}")
-        if self.target_batch_size < 1 or self.average_state_every < 1:
-            raise ValueError("target_batch_size and average_state_every must be >= 1")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0 and weight_decay >= 0")
-        if not 0 < self.matchmaking_time < self.averaging_timeout:
-            raise ValueError("need 0 < matchmaking_time < averaging_timeout")
-        if self.tick_period <= 0 or self.progress_expiration <= 0 or self.load_state_timeout <= 0:
-            raise ValueError("tick_period, progress_expiration and load_state_timeout must be > 0")
 
 
 def span_run_id(run_id: str, model: str, start: int, end: int) -> str:

@@ -5,9 +5,9 @@ reaches no other machine), or anywhere with `swarmlm peer --direct`; it says whe
 (PeerInfo.direct_address). That answer comes over p2p, which authenticates the peer, so an address is never taken
 from a DHT record or a client (anyone can write those). Clients (ClientConfig.direct_connections) and peers that
 push steps and serve direct connections themselves connect there instead of through the p2p daemons, and fall back
-to p2p when the connection fails. The messages are the same frames as on the p2p streams (`stream_frame` /
-`read_frame`), so the peer serves both with the same code; a message skips the two daemon hops. Measured on a 2-core
-VM with a local swarm: 10-20% less CPU per generated token, and 1.2 ms/token less latency on the tiny benchmark
+to p2p when the connection fails. The messages are the same frames as on the p2p streams
+(swarmlm.transport.framing), so the peer serves both with the same code; a message skips the two daemon hops.
+Measured on a 2-core VM with a local swarm: 10-20% less CPU per generated token, and 1.2 ms/token less latency on the tiny benchmark
 model (30 paired rounds, direct faster in 24), part of it from the client stepping an all-direct route on its own
 event loop (swarmlm.client.session).
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
 
 from multiaddr import Multiaddr
@@ -37,17 +36,9 @@ MAX_HELLO_BYTES = 256  # a hello line longer than this is refused
 HELLO_TIMEOUT = 10.0  # seconds a new connection may take to say hello
 CONNECT_TIMEOUT = 5.0  # seconds to connect and be greeted before falling back to p2p
 MAX_CONNECTIONS = 1024  # open direct connections a peer accepts at most (more are closed at once)
-ADDRESS_PATTERN = r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$"  # what a peer's rpc_info may name: IPV4:PORT
 
-Handler = Callable[["DirectCaller", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class DirectCaller:
-    """Who is on the other end of a direct connection (the role of hivemind's P2PContext there): no proven
-    identity, only the address, shown in logs."""
-
-    peer_id: str  # "tcp:HOST:PORT"
+Handler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]  # (caller, reader, writer):
+# the caller is "tcp:HOST:PORT", its address (no proven identity, unlike a p2p caller's peer id)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -111,8 +102,8 @@ async def connect(address: str, peer_id: str, method: str, timeout: float = CONN
 
 
 class DirectListener:
-    """Accepts direct connections for the peer `peer_id` and hands each to `handlers[method]` (the same
-    coroutines that serve the p2p streams). A connection whose hello is wrong (garbage, another peer's id,
+    """Accepts direct connections for the peer `peer_id` and hands each to `handlers[method]` (swarmlm.transport.server
+    serves the same handlers on p2p streams). A connection whose hello is wrong (garbage, another peer's id,
     an unknown method, too long or too late) is closed, and so is any beyond MAX_CONNECTIONS; the listener
     keeps serving. `stop` closes the listener and every connection still open."""
 
@@ -131,9 +122,9 @@ class DirectListener:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host, port = writer.get_extra_info("peername")[:2]
-        caller = DirectCaller(peer_id=f"tcp:{host}:{port}")
+        caller = f"tcp:{host}:{port}"
         if len(self._open) >= MAX_CONNECTIONS:
-            logger.info(f"Closed a direct connection from {caller.peer_id}: {MAX_CONNECTIONS} are open")
+            logger.info(f"Closed a direct connection from {caller}: {MAX_CONNECTIONS} are open")
             writer.close()
             return
         self._open.add(writer)
@@ -142,7 +133,7 @@ class DirectListener:
                 async with asyncio.timeout(HELLO_TIMEOUT):
                     method = self._check_hello(await _read_hello(reader))
             except (ValueError, TimeoutError, ConnectionError) as e:
-                logger.info(f"Closed a direct connection from {caller.peer_id}: {type(e).__name__}: {e}")
+                logger.info(f"Closed a direct connection from {caller}: {type(e).__name__}: {e}")
                 writer.close()
                 return
             writer.write(_hello("ok", self.peer_id))

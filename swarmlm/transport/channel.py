@@ -1,0 +1,128 @@
+"""Channels: one open stream with one other node for one method, over direct TCP or p2p; and the Dialer
+that opens them (and makes protobuf calls) for a client or a peer.
+
+A channel carries frames (swarmlm.transport.framing) both ways; `send` writes a frame at once, without a
+writer task (a step leaves as soon as it is sent), `receive` reads the next one under a size limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator, Optional, TypeVar
+
+from google.protobuf.message import Message
+from hivemind.p2p import P2P
+
+from swarmlm.transport import framing, p2p as p2p_adapter
+from swarmlm.transport.direct import connect
+
+M = TypeVar("M", bound=Message)
+logger = logging.getLogger(__name__)
+
+DIRECT, P2P_KIND = "direct", "p2p"
+
+
+class ChannelClosed(ConnectionError):
+    """A message was sent into a channel that is closed (or closing)."""
+
+
+class Channel:
+    """One stream. `peer`: who is on the other end (a base58 peer id; on a peer's side of a direct
+    connection "tcp:HOST:PORT", an unproven address). `kind`: "direct" or "p2p"."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str, kind: str):
+        self.reader, self.writer, self.peer, self.kind = reader, writer, peer, kind
+
+    @property
+    def direct(self) -> bool:
+        return self.kind == DIRECT
+
+    @property
+    def closing(self) -> bool:
+        return self.writer.is_closing()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes written but not yet sent (a reader that reads slowly makes this grow)."""
+        return self.writer.transport.get_write_buffer_size()
+
+    def send(self, message: Message) -> None:
+        """Writes `message` as one frame; ChannelClosed if the channel is closed."""
+        if self.writer.is_closing():
+            raise ChannelClosed("the channel is closed")
+        self.writer.write(framing.encode(message))
+
+    async def drain(self) -> None:
+        """Returns once the written frames are (mostly) sent: at once unless the other side reads slowly."""
+        await self.writer.drain()
+
+    async def receive(self, message_type: type[M], max_bytes: int) -> Optional[M]:
+        """The next message, None at the end of the stream; RequestError for a bad frame (framing.read_message)."""
+        return await framing.read_message(self.reader, message_type, max_bytes)
+
+    async def discard_input(self) -> None:
+        """Reads and drops whatever the other side sends, until it ends the stream."""
+        while await self.reader.read(2**16):
+            pass
+
+    def end(self) -> None:
+        """Ends our side of the stream (an end-of-stream frame) and closes it."""
+        if not self.writer.is_closing():
+            self.writer.write(framing.END_OF_STREAM_FRAME)
+            self.writer.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Dialer:
+    """Opens channels and makes protobuf calls from one node (a client, or a peer pushing steps) over its p2p
+    instance, and over direct TCP to peers that announced a direct address (when `direct`)."""
+
+    def __init__(self, p2p: P2P, direct: bool = True):
+        self.p2p, self.direct = p2p, direct
+
+    async def open(self, peer: str, method: str, direct_address: Optional[str] = None) -> Channel:
+        """A channel to `peer` for `method`: direct where it has an address and direct connections are on
+        (falling back to p2p, logged, if that fails), else p2p. Raises if the p2p stream cannot be opened."""
+        if self.direct and direct_address is not None:
+            channel = await self.open_direct(peer, method, direct_address)
+            if channel is not None:
+                return channel
+        return await self.open_p2p(peer, method)
+
+    async def open_direct(self, peer: str, method: str, address: str) -> Optional[Channel]:
+        """A direct channel, or None (logged) if the connection fails or the other side is not `peer`."""
+        try:
+            reader, writer = await connect(address, peer, method)
+        except Exception as e:
+            logger.info(f"No direct connection to {peer} at {address} ({type(e).__name__}: {e}); using p2p")
+            return None
+        return Channel(reader, writer, peer, DIRECT)
+
+    async def open_p2p(self, peer: str, method: str) -> Channel:
+        reader, writer = await p2p_adapter.open_raw(self.p2p, peer, method)
+        return Channel(reader, writer, peer, P2P_KIND)
+
+    async def call(self, peer: str, method: str, request: Message, response_type: type[M]) -> M:
+        """A unary protobuf call (request -> one answer) over p2p."""
+        return await p2p_adapter.call_unary(self.p2p, peer, method, request, response_type)
+
+    @contextlib.asynccontextmanager
+    async def answers(self, peer: str, method: str, request: Message, response_type: type[M]
+                      ) -> AsyncIterator[AsyncIterator[M]]:
+        """The answer stream of a one-message request over p2p (forward, backward, state). Our side of the
+        stream stays open until the block exits (the whole answer read): peers close theirs only after ours
+        ends, so a peer never closes first, which could make the p2p daemons drop the answer's tail."""
+        answered = asyncio.Event()
+
+        async def requests():
+            yield request
+            await answered.wait()
+
+        try:
+            yield await p2p_adapter.iterate(self.p2p, peer, method, requests(), response_type)
+        finally:
+            answered.set()

@@ -1,0 +1,117 @@
+"""Server: what one node serves, over p2p and (when asked) direct TCP, behind one admission hook.
+
+Two kinds of methods:
+- channel methods (inference, push): `handler(channel)` owns a raw framed stream (swarmlm.transport.channel),
+  served on p2p streams and, after `serve_direct`, on direct connections too;
+- protobuf methods (forward, backward, state: stream in, stream out; info: unary): hivemind's protobuf
+  handlers, p2p only, `handler(request(s), context)` as hivemind calls them.
+
+`admit(peer, kind, method)` runs before any handler: it returns None to let the caller in, or the reason it
+is refused (the stream is closed, a protobuf call fails with that reason). It is where authentication and
+per-source limits plug in; the default admits everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Optional
+
+from google.protobuf.message import Message
+from hivemind.p2p import P2P
+
+from swarmlm.transport import p2p as p2p_adapter
+from swarmlm.transport.channel import DIRECT, P2P_KIND, Channel
+from swarmlm.transport.direct import DirectListener
+
+logger = logging.getLogger(__name__)
+
+ChannelHandler = Callable[[Channel], Awaitable[None]]
+Admit = Callable[[str, str, str], Optional[str]]  # (peer, "p2p" | "direct", method) -> None or why refused
+
+
+class Refused(PermissionError):
+    """A caller that `admit` refused."""
+
+
+class Server:
+    def __init__(self, p2p: P2P, admit: Optional[Admit] = None):
+        self.p2p = p2p
+        self.peer_id = p2p_adapter.own_id(p2p)
+        self.admit: Admit = admit if admit is not None else (lambda peer, kind, method: None)
+        self.direct: Optional[DirectListener] = None
+        self._channels: dict[str, ChannelHandler] = {}
+        self._protobuf: dict[str, bool] = {}  # method -> stream
+
+    @property
+    def direct_address(self) -> Optional[str]:
+        """"IPV4:PORT" where direct connections are served (None: not served)."""
+        return self.direct.address if self.direct is not None else None
+
+    async def serve(self, channels: dict[str, ChannelHandler],
+                    protobuf: dict[str, tuple[Callable, type[Message], bool]]) -> None:
+        """Serves `channels` ({method: handler}) and `protobuf` ({method: (handler, request type, stream)}) on p2p."""
+        self._channels.update(channels)
+        self._protobuf.update({method: stream for method, (_, _, stream) in protobuf.items()})
+        await asyncio.gather(
+            *(p2p_adapter.serve_raw(self.p2p, method, self._stream_handler(method, P2P_KIND)) for method in channels),
+            *(p2p_adapter.serve_protobuf(self.p2p, method, self._admitted(method, handler, stream), request_type,
+                                         stream=stream)
+              for method, (handler, request_type, stream) in protobuf.items()),
+        )
+
+    async def serve_direct(self, host: str, port: int, announce_host: str) -> str:
+        """Also serves the channel methods on direct TCP at host:port (0: any free port); returns the address
+        to announce (in the peer's info answer, never in a DHT record)."""
+        self.direct = DirectListener(self.peer_id, {m: self._stream_handler(m, DIRECT) for m in self._channels})
+        return await self.direct.start(host, port, announce_host)
+
+    async def stop(self) -> None:
+        """No new streams or calls; direct connections closed."""
+        if self.direct is not None:
+            await self.direct.stop()
+        await p2p_adapter.stop_serving(self.p2p, list(self._channels), self._protobuf)
+
+    def _refusal(self, peer: str, kind: str, method: str) -> Optional[str]:
+        reason = self.admit(peer, kind, method)
+        if reason is not None:
+            logger.info(f"Refused {method} from {peer} ({kind}): {reason}")
+        return reason
+
+    def _gated(self, method: str, handler: ChannelHandler) -> ChannelHandler:
+        async def gated(channel: Channel) -> None:
+            if self._refusal(channel.peer, channel.kind, method) is not None:
+                channel.close()
+                return
+            await handler(channel)
+
+        return gated
+
+    def _stream_handler(self, method: str, kind: str):
+        """(caller, reader, writer) -> the method's channel handler, once `admit` lets the caller in."""
+        gated = self._gated(method, self._channels[method])
+
+        async def handle(peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await gated(Channel(reader, writer, peer, kind))
+
+        return handle
+
+    def _admitted(self, method: str, handler: Callable, stream: bool) -> Callable:
+        def check(context) -> None:
+            reason = self._refusal(p2p_adapter.caller_of(context), P2P_KIND, method)
+            if reason is not None:
+                raise Refused(reason)
+
+        if not stream:
+            async def unary(request, context):
+                check(context)
+                return await handler(request, context)
+
+            return unary
+
+        async def streaming(requests, context):
+            check(context)
+            async for response in handler(requests, context):
+                yield response
+
+        return streaming
