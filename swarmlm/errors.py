@@ -9,7 +9,9 @@ SwarmError
 ├── RemotePeerError          a call to a peer failed (network, peer died, remote error)
 ├── ExportError              `swarmlm export`: the swarm cannot provide every block of the model
 ├── TrainingDataError        the training data cannot be used (missing files, too small, ...)
-└── TrainingDivergedError    a trainer's loss became NaN or infinite
+├── TrainingDivergedError    a trainer's loss became NaN or infinite
+├── ChannelClosedError       a message was sent into a closed channel (also a ConnectionError)
+└── RefusedError             a node's admission hook refused a caller (also a PermissionError)
 """
 
 from __future__ import annotations
@@ -70,3 +72,11 @@ class TrainingDataError(SwarmError):
 
 class TrainingDivergedError(SwarmError):
     """The training loss became NaN or infinite."""
+
+
+class ChannelClosedError(SwarmError, ConnectionError):
+    """A message was sent into a channel (swarmlm.transport.Channel) that is closed or closing."""
+
+
+class RefusedError(SwarmError, PermissionError):
+    """A node's admission hook (swarmlm.transport.Server.admit) refused the caller; the message says why."""

@@ -13,7 +13,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from swarmlm.errors import RequestError
-from swarmlm.transport import Dialer, Refused, Server, framing
+from swarmlm.transport import Dialer, RefusedError, Server, framing
 from swarmlm.transport import p2p as p2p_adapter
 
 
@@ -151,4 +151,4 @@ def test_channels_and_calls_over_p2p_and_direct_and_the_admission_hook(two_nodes
         await server.stop()
 
     loop.run_until_complete(asyncio.wait_for(run(), 60))
-    assert issubclass(Refused, PermissionError)
+    assert issubclass(RefusedError, PermissionError)

@@ -28,7 +28,7 @@ from swarmlm.experts.protocol import (
     serialize_all,
     unpack,
 )
-from swarmlm.transport import Channel, ChannelClosed, Dialer
+from swarmlm.transport import Channel, ChannelClosedError, Dialer
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class InferenceStream:
     def _send(self, request: runtime_pb2.ExpertRequest) -> None:
         try:
             self._channel.send(request)
-        except ChannelClosed:
+        except ChannelClosedError:
             raise RemotePeerError(self.peer_id, "the session's stream is closed") from None
 
     @property

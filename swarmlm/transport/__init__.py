@@ -10,7 +10,7 @@ Clients and peers ask a Dialer for channels and calls, and hand their methods to
 open sockets or p2p streams themselves. What the messages mean is swarmlm.experts.protocol's business.
 """
 
-from swarmlm.transport.channel import Channel, ChannelClosed, Dialer
-from swarmlm.transport.server import Refused, Server
+from swarmlm.transport.channel import Channel, ChannelClosedError, Dialer
+from swarmlm.transport.server import RefusedError, Server
 
-__all__ = ["Channel", "ChannelClosed", "Dialer", "Refused", "Server"]
+__all__ = ["Channel", "ChannelClosedError", "Dialer", "RefusedError", "Server"]

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Optional, TypeVar
 from google.protobuf.message import Message
 from hivemind.p2p import P2P
 
+from swarmlm.errors import ChannelClosedError
 from swarmlm.transport import framing, p2p as p2p_adapter
 from swarmlm.transport.direct import connect
 
@@ -22,10 +23,6 @@ M = TypeVar("M", bound=Message)
 logger = logging.getLogger(__name__)
 
 DIRECT, P2P_KIND = "direct", "p2p"
-
-
-class ChannelClosed(ConnectionError):
-    """A message was sent into a channel that is closed (or closing)."""
 
 
 class Channel:
@@ -49,9 +46,9 @@ class Channel:
         return self.writer.transport.get_write_buffer_size()
 
     def send(self, message: Message) -> None:
-        """Writes `message` as one frame; ChannelClosed if the channel is closed."""
+        """Writes `message` as one frame; ChannelClosedError if the channel is closed."""
         if self.writer.is_closing():
-            raise ChannelClosed("the channel is closed")
+            raise ChannelClosedError("the channel is closed")
         self.writer.write(framing.encode(message))
 
     async def drain(self) -> None:

@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Optional
 from google.protobuf.message import Message
 from hivemind.p2p import P2P
 
+from swarmlm.errors import RefusedError
 from swarmlm.transport import p2p as p2p_adapter
 from swarmlm.transport.channel import DIRECT, P2P_KIND, Channel
 from swarmlm.transport.direct import DirectListener
@@ -28,10 +29,6 @@ logger = logging.getLogger(__name__)
 
 ChannelHandler = Callable[[Channel], Awaitable[None]]
 Admit = Callable[[str, str, str], Optional[str]]  # (peer, "p2p" | "direct", method) -> None or why refused
-
-
-class Refused(PermissionError):
-    """A caller that `admit` refused."""
 
 
 class Server:
@@ -100,7 +97,7 @@ class Server:
         def check(context) -> None:
             reason = self._refusal(p2p_adapter.caller_of(context), P2P_KIND, method)
             if reason is not None:
-                raise Refused(reason)
+                raise RefusedError(reason)
 
         if not stream:
             async def unary(request, context):
