@@ -36,7 +36,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
-ENV_PREFIX = "SWARMLM_"
+ENV_PREFIX = "SWARMLM_"  # a dataclass may name its own (an ENV_PREFIX class attribute), e.g. SWARMLM_TRAINING_
+RESERVED_ENV = frozenset({"SWARMLM_HOME"})  # variables swarmlm reads that are no setting
 _METADATA_KEY = "swarmlm.setting"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _MISSING = dataclasses.MISSING
@@ -154,9 +155,11 @@ def _options(cls: type) -> list[Option]:
             continue
         flag = declared.flag or f.name
         kind, parse, container = _kind(hints[f.name], f"{cls.__name__}.{f.name}")
-        options.append(Option(cls, f.name, "--" + flag.replace("_", "-"),
-                               declared.env or ENV_PREFIX + flag.replace("-", "_").upper(), kind,
-                               declared.parse or parse, container, declared, f))
+        env = declared.env or getattr(cls, "ENV_PREFIX", ENV_PREFIX) + flag.replace("-", "_").upper()
+        if env in RESERVED_ENV:
+            raise TypeError(f"{cls.__name__}.{f.name}: {env} is reserved (not a setting)")
+        options.append(Option(cls, f.name, "--" + flag.replace("_", "-"), env, kind, declared.parse or parse,
+                              container, declared, f))
     return options
 
 
@@ -207,8 +210,10 @@ class Flags:
         """Adds one flag per setting; a flag not given leaves no attribute on the parsed namespace."""
         target: Any = parser
         if self.title:  # one heading per title, however many groups share it
-            known = [group for group in parser._action_groups if group.title == self.title]
-            target = known[0] if known else parser.add_argument_group(self.title)
+            headings = parser.__dict__.setdefault("swarmlm_headings", {})
+            if self.title not in headings:
+                headings[self.title] = parser.add_argument_group(self.title)
+            target = headings[self.title]
         for option in self.options:
             kwargs: dict[str, Any] = dict(dest=option.name, default=argparse.SUPPRESS, help=self.help(option))
             if option.kind == "bool":

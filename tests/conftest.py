@@ -9,6 +9,9 @@ import tempfile
 import pytest
 import torch
 
+# settings from the environment (SWARMLM_<FLAG>, see swarmlm.settings) would change every node the tests start
+for _name in [name for name in os.environ if name.startswith("SWARMLM_") and name != "SWARMLM_HOME"]:
+    del os.environ[_name]
 # all processes of the test session share one SWARMLM_HOME, so the embedded model is built once
 os.environ.setdefault("SWARMLM_HOME", tempfile.mkdtemp(prefix="swarmlm-test-home-"))
 torch.set_num_threads(1)

@@ -68,3 +68,17 @@ def test_idle_and_failed_streams_are_closed_and_reopened_later(monkeypatch):
 def test_a_target_that_is_no_peer_id_is_not_pushed_to(monkeypatch):
     handler = _handler(monkeypatch)
     assert handler.push(_target(0), None) is False and handler.streams == {}
+
+
+def test_a_push_into_a_channel_that_broke_is_not_sent_and_the_stream_is_dropped():
+    """The target went away: its channel is closing before our stream's task noticed. The push is not sent (and
+    raises nothing into the session that pushes); the stream counts as closed, to be re-opened later."""
+    from types import SimpleNamespace
+
+    def send(message):
+        raise AssertionError("written into a closing channel")
+
+    stream = push_module.PushStream.__new__(push_module.PushStream)  # no task: the channel is a stand-in
+    stream.closed, stream.task = False, SimpleNamespace(cancel=lambda: None)
+    stream._channel = SimpleNamespace(closing=True, buffered_bytes=0, send=send)
+    assert stream.send(None) is False and stream.closed

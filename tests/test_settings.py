@@ -99,7 +99,8 @@ def test_shared_flags_are_the_same_in_every_command():
 
 def test_env_overrides_the_default_and_the_command_line_overrides_the_env():
     env = {"SWARMLM_MAX_CACHE_TOKENS": "100", "SWARMLM_INITIAL_PEERS": "/a, /b /c", "SWARMLM_DIRECT": "no",
-           "SWARMLM_LOG_LEVEL": "DEBUG", "SWARMLM_LR": "0.5", "SWARMLM_PUBLIC_NAME": ""}
+           "SWARMLM_LOG_LEVEL": "DEBUG", "SWARMLM_TRAINING_LR": "0.5", "SWARMLM_PUBLIC_NAME": "",
+           "SWARMLM_LR": "0.75"}  # `swarmlm train`'s: a training peer's span settings have their own
     s = parse("peer", "--model", "m", "--num-blocks", "1", env=env)
     assert (s["max_cache_tokens"], s["initial_peers"], s["direct"], s["log_level"]) == (100, ["/a", "/b", "/c"],
                                                                                        False, "debug")
@@ -114,6 +115,18 @@ def test_env_overrides_the_default_and_the_command_line_overrides_the_env():
         parse("peer", "--model", "m", "--num-blocks", "1", env={"SWARMLM_TORCH_DTYPE": "float64"})
 
 
+def test_train_and_peer_training_read_their_own_env_vars_and_home_is_no_setting():
+    assert parse("train", "--run-id", "x", env={"SWARMLM_LR": "0.5", "SWARMLM_TRAINING_LR": "0.25"})["lr"] == 0.5
+    assert parse("peer", "--model", "m", "--num-blocks", "1", env={"SWARMLM_LR": "0.5"})["lr"] == 1e-4
+
+    @dataclasses.dataclass
+    class Home:
+        home: str = dataclasses.field(default="", metadata=setting("a data directory"))
+
+    with pytest.raises(TypeError, match="SWARMLM_HOME is reserved"):
+        Flags(Home)
+
+
 def test_config_file_below_env_and_flags_above_the_defaults(tmp_path):
     path = write(tmp_path, 'model = "m"\nnum-blocks = 2\nnew_swarm = true\nmax_cache_tokens = 10\n'
                            'request_timeout = 90\nlog_level = "WARNING"\ntrain = false\n'
@@ -123,7 +136,7 @@ def test_config_file_below_env_and_flags_above_the_defaults(tmp_path):
     assert s["request_timeout"] == 90.0 and isinstance(s["request_timeout"], float) and s["log_level"] == "warning"
     assert (s["lr"], s["run_id"], s["train"]) == (0.25, "from-file", False)
     s = parse("peer", "--config", path, "--max-cache-tokens", "30", env={"SWARMLM_MAX_CACHE_TOKENS": "20",
-                                                                          "SWARMLM_LR": "0.5"})
+                                                                          "SWARMLM_TRAINING_LR": "0.5"})
     assert (s["max_cache_tokens"], s["lr"], s["device"]) == (30, 0.5, "cpu")
     # a flag (or env var) given for one of blocks/num_blocks drops the other one from the file
     config = peer_config(parse("peer", "--config", path, "--blocks", "0:3"))

@@ -33,8 +33,8 @@ from swarmlm.transport import Channel, ChannelClosedError, Dialer
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-MAX_ANSWER_BYTES = 2**30  # an answer frame longer than this is refused before it is read (a peer's limit on requests
-# is far lower: PeerConfig.max_request_tokens)
+MAX_ANSWER_BYTES = 2**32  # an answer frame longer than this is refused before it is read (float32 hidden states of
+# 16384 tokens x 65536 hidden; a peer's answers are as large as the requests it accepts)
 
 
 def _inputs(hidden, position_ids, attention_mask, grad=None, prompts=None) -> list[torch.Tensor]:
@@ -119,8 +119,11 @@ class InferenceStream:
     async def open(self, dialer: Dialer, direct: bool = True) -> None:
         """Sends the session request, over the peer's direct address if it has one and `direct` (falling back to
         p2p if that fails); its answer is read with the first step (no extra round trip)."""
-        if not (direct and await self.open_direct(dialer)):
-            await self.open_p2p(dialer)
+        try:
+            self._channel = await dialer.open(self.peer_id, INFERENCE, self.direct_address if direct else None)
+        except Exception as e:
+            raise RemotePeerError(self.peer_id, f"cannot open a session: {type(e).__name__}: {e}") from e
+        self._send(runtime_pb2.ExpertRequest(metadata=pack(self.span)))
 
     async def open_direct(self, dialer: Dialer) -> bool:
         """Opens the session on the peer's direct address; False (logged) if it has none or that fails."""
@@ -141,6 +144,8 @@ class InferenceStream:
         self._send(runtime_pb2.ExpertRequest(metadata=pack(self.span)))
 
     def _send(self, request: runtime_pb2.ExpertRequest) -> None:
+        if self._channel is None:
+            raise RemotePeerError(self.peer_id, "the session is not open")
         try:
             self._channel.send(request)
         except ChannelClosedError:

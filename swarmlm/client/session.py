@@ -280,7 +280,7 @@ class InferenceSession:
         return hops
 
     async def _open_stream(self, hop: _Hop, direct: bool) -> None:
-        hop.stream = await self._loop.open(hop.stream, self.remote.dialer, direct)
+        await self._loop.open(hop, self.remote.dialer, direct)
 
     async def _replace(self, i: int, attempts) -> None:
         """Replaces hop i by a fresh route for its blocks; the new hops start empty (length 0), so the

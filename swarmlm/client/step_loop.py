@@ -5,8 +5,8 @@ Why two: hivemind's P2P (its streams, the DHT's reads, probes) lives on the clie
 thread a hand-off to that thread and back, about 0.15 ms per token on a 2-core machine. A route whose hops are
 all direct connections (plain TCP, swarmlm.transport.direct) needs none of P2P, so its session gets its own
 event loop, run in the caller's thread, and skips the hand-off. Everything else about a session is the same on
-both: `run` runs a step, `on_shared` reaches the network thread (routing), `adopt` wraps a p2p stream opened
-for an own-loop session (ForeignStream: each call handed over to the network thread).
+both: `run` runs a step, `on_shared` reaches the network thread (routing), `open` opens a hop's stream (a p2p
+one of an own-loop session is a ForeignStream: each call handed over to the network thread).
 """
 
 from __future__ import annotations
@@ -64,17 +64,16 @@ class StepLoop:
             return await coro
         return await asyncio.wrap_future(self.shared.submit(coro))
 
-    async def open(self, stream: InferenceStream, dialer: Dialer, direct: bool) -> "InferenceStream | ForeignStream":
-        """Opens `stream` (direct if it can and `direct`, else p2p) -> the stream to step: on the own loop a
-        p2p stream is opened on the network thread and driven through a ForeignStream."""
+    async def open(self, hop, dialer: Dialer, direct: bool) -> None:
+        """Opens `hop.stream` (direct if it can and `direct`, else p2p). On the own loop a p2p stream is opened
+        on the network thread and driven through a ForeignStream, which `hop.stream` holds before it opens (so
+        that closing the hop after a failure closes it on the right loop)."""
         if self.own is None:
-            await stream.open(dialer, direct)
-            return stream
-        if direct and await stream.open_direct(dialer):
-            return stream
-        foreign = ForeignStream(stream, self.shared.loop)
-        await foreign.open_p2p(dialer)
-        return foreign
+            return await hop.stream.open(dialer, direct)
+        if direct and await hop.stream.open_direct(dialer):
+            return
+        hop.stream = ForeignStream(hop.stream, self.shared.loop)
+        await hop.stream.open_p2p(dialer)
 
     def close(self, streams: list) -> None:
         """Closes the session's streams, each on its loop, then the own loop."""

@@ -111,8 +111,6 @@ INFERENCE = "inference"  # channel: SpanRequest(max_length, batch_size, session_
 PUSH = "push"  # channel: a long-lived stream from another peer: inference steps (as sent by clients, with
 # InferenceStep.session_id) for sessions opened here with that session_id; each is run as if the session's client
 # had sent it, and answered on the client's channel. Nothing is answered on this stream.
-CHANNEL_METHODS = (INFERENCE, PUSH)  # raw framed streams, also served on direct connections
-STREAM_METHODS = (FORWARD, BACKWARD, STATE)
 
 
 def pack(meta: _Wire) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from swarmlm.settings import setting
 from swarmlm.transport.direct import direct_hosts, loopback_only
@@ -16,7 +16,10 @@ class SpanTrainingConfig:
     """How a training peer (`swarmlm peer --train`) trains its span with the replicas of that span.
 
     lr, target_batch_size and averaging_timeout default lower than `swarmlm train`'s: these are the blocks of
-    a (pre)trained model, and requests wait for an epoch's averaging (PeerConfig.request_timeout >= 2x)."""
+    a (pre)trained model, and requests wait for an epoch's averaging (PeerConfig.request_timeout >= 2x).
+    Its env vars are SWARMLM_TRAINING_<FLAG> (SWARMLM_TRAINING_LR), apart from `swarmlm train`'s SWARMLM_LR."""
+
+    ENV_PREFIX: ClassVar[str] = "SWARMLM_TRAINING_"
 
     run_id: str = field(default="swarmlm", metadata=setting(
         "replicas with the same run id, model and blocks train together"))

@@ -65,6 +65,7 @@ class PushStream:
                     channel = await dialer.open_direct(peer, PUSH, address)
                     if channel is not None:
                         return channel
+                    logger.info(f"No direct push connection to {peer} (at {address}); pushing over p2p")
             except Exception as e:
                 logger.info(f"No direct push connection to {peer} (at {address}): {type(e).__name__}: {e}; "
                             f"pushing over p2p")
@@ -91,7 +92,7 @@ class PushStream:
         """Writes `message` into the stream; False (nothing sent) while it is not open or after it closed."""
         if self._channel is None or self.closed:
             return False
-        if self._channel.buffered_bytes > self.MAX_BUFFERED_BYTES:
+        if self._channel.closing or self._channel.buffered_bytes > self.MAX_BUFFERED_BYTES:  # broke, or too slow
             self.close()
             return False
         self._channel.send(message)
@@ -106,7 +107,7 @@ class PushStream:
 class Pushes:
     def __init__(self, metrics: PeerMetrics, max_message_bytes: int):
         self.metrics, self.max_message_bytes = metrics, max_message_bytes
-        self.dialer: Optional[Dialer] = None  # set once the peer serves (attach): no pushes before
+        self.dialer: Optional[Dialer] = None  # set once the peer serves (SpanHandler.serve): no pushes before
         self.streams: dict[str, PushStream] = {}  # peer id -> our stream of pushed steps to it
         self._checked = time.monotonic()  # when idle push streams were last closed
         self.incoming = 0  # push streams other peers have open to us

@@ -128,8 +128,8 @@ class Sessions:
         except ConnectionError as e:  # the caller left; its session ends here
             logger.debug(f"Inference stream of {channel.peer} broke: {type(e).__name__}: {e}")
         finally:
-            await inbox.aclose()
             channel.close()
+            await inbox.aclose()
 
     @property
     def metrics(self):  # for @metered

@@ -9,7 +9,7 @@ to p2p when the connection fails. The messages are the same frames as on the p2p
 (swarmlm.transport.framing), so the peer serves both with the same code; a message skips the two daemon hops.
 Measured on a 2-core VM with a local swarm: 10-20% less CPU per generated token, and 1.2 ms/token less latency on the tiny benchmark
 model (30 paired rounds, direct faster in 24), part of it from the client stepping an all-direct route on its own
-event loop (swarmlm.client.session).
+event loop (swarmlm.client.step_loop).
 
 Plain TCP: not encrypted, and the peer is identified only by its hello line. For local swarms and trusted
 LANs only; the p2p daemons stay the transport for everything else (DHT, forward/backward, other swarms).
@@ -31,7 +31,6 @@ from multiaddr import Multiaddr
 logger = logging.getLogger(__name__)
 
 HELLO = b"swarmlm-direct/1"
-METHODS = ("inference", "push")
 MAX_HELLO_BYTES = 256  # a hello line longer than this is refused
 HELLO_TIMEOUT = 10.0  # seconds a new connection may take to say hello
 CONNECT_TIMEOUT = 5.0  # seconds to connect and be greeted before falling back to p2p

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 from typing import Awaitable, Callable, Optional
 
 from google.protobuf.message import Message
@@ -108,7 +109,8 @@ class Server:
 
         async def streaming(requests, context):
             check(context)
-            async for response in handler(requests, context):
-                yield response
+            async with aclosing(handler(requests, context)) as responses:  # its cleanup runs when we end
+                async for response in responses:
+                    yield response
 
         return streaming
