@@ -241,7 +241,7 @@ def cmd_export(args, s: Settings) -> int:
     """Writes the swarm's current blocks (+ the checkpoint's client tensors) as a checkpoint directory."""
     from swarmlm.training.export import export_model
 
-    result = export_model(args.model, _initial_peers(s), args.out, dht_prefix=s["dht_prefix"])
+    result = export_model(args.model, _initial_peers(s), args.out, dht_prefix=s["dht_prefix"], overwrite=args.overwrite)
     for source in result.sources:
         epoch = f"epoch {source.training_epoch}" if source.training_epoch is not None else "not training"
         print(f"blocks {source.start}:{source.end} from peer {source.peer_id} ({epoch})", flush=True)
@@ -320,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model the peers serve (its checkpoint gives the config, "
                                                   "tokenizer, embeddings and head)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="the checkpoint directory to write (replaced atomically)")
+                   help="the checkpoint directory to write (replaced atomically; a directory with files a save "
+                        "would not write is refused, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR even if it holds files a save would not write (they are deleted)")
 
     p = command("health", cmd_health, "show which peers serve each block of each model; exit 1 if blocks are missing")
     p.add_argument("--model", nargs="*", default=None, help="models to check (default: all registered in the DHT)")

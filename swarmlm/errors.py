@@ -10,6 +10,7 @@ SwarmError
 ├── ExportError              `swarmlm export`: the swarm cannot provide every block of the model
 ├── TrainingDataError        the training data cannot be used (missing files, too small, ...)
 ├── TrainingDivergedError    a trainer's loss became NaN or infinite
+├── CheckpointError          a save would delete files it did not write (nothing was changed)
 ├── ChannelClosedError       a message was sent into a closed channel (also a ConnectionError)
 └── RefusedError             a node's admission hook refused a caller (also a PermissionError)
 """
@@ -80,3 +81,7 @@ class ChannelClosedError(SwarmError, ConnectionError):
 
 class RefusedError(SwarmError, PermissionError):
     """A node's admission hook (swarmlm.transport.Server.admit) refused the caller; the message says why."""
+
+
+class CheckpointError(SwarmError):
+    """A checkpoint save would delete files it did not write; nothing was changed (see save_checkpoint)."""

@@ -210,6 +210,49 @@ def test_save_replaces_atomically_and_a_failed_save_keeps_the_old_checkpoint(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
 
 
+def test_a_save_never_deletes_files_it_did_not_write_unless_told_to(tmp_path, starting_model):
+    """A directory with a user's files is refused (changed in nothing), early by check_replaceable and again by
+    the save itself; a file added into a checkpoint directory is kept the same way; --overwrite replaces."""
+    from swarmlm.errors import CheckpointError
+    from swarmlm.training.checkpoint import check_replaceable
+
+    model, tokenizer = build_model(DEFAULT_MODEL, **FAST_MODEL).model, starting_model.tokenizer
+    target = tmp_path / "out"
+    (target / "notes").mkdir(parents=True)
+    (target / "notes" / "IMPORTANT.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="holds no swarmlm checkpoint"):
+        check_replaceable(target)
+    with pytest.raises(CheckpointError, match=r"notes/IMPORTANT.txt\); nothing was changed"):
+        save_checkpoint(target, _perturbed(model, 0.25), tokenizer, training_state={"epoch": 1})
+    assert (target / "notes" / "IMPORTANT.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in target.iterdir()) == ["notes"]
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    check_replaceable(fresh)  # empty: fine
+    save_checkpoint(fresh, _perturbed(model, 0.25), tokenizer, training_state={"epoch": 1})
+    check_replaceable(fresh)  # a checkpoint a save wrote: fine
+    (fresh / "mine.txt").write_text("added by hand")
+    with pytest.raises(CheckpointError, match=r"\(mine.txt\)"):
+        save_checkpoint(fresh, _perturbed(model, 0.5), tokenizer, training_state={"epoch": 2})
+    assert (fresh / "mine.txt").exists() and json.loads((fresh / TRAINING_STATE_FILE).read_text()) == {"epoch": 1}
+
+    save_checkpoint(target, _perturbed(model, 0.5), tokenizer, training_state={"epoch": 2}, overwrite=True)
+    assert not (target / "notes").exists() and AutoModelForCausalLM.from_pretrained(target).lm_head.weight.eq(0.5).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out"]  # no temporary left behind
+
+
+def test_export_into_a_directory_of_a_users_files_is_refused_before_anything_is_fetched(tmp_path, caplog):
+    from swarmlm.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "IMPORTANT.txt").write_text("keep me")
+    peer = "/ip4/127.0.0.1/tcp/9/p2p/QmNLei78zWmzUdbeRB3CiUfAizWUrbeeZh5K1rhAQKCh51"  # never reached
+    assert main(["export", "--model", DEFAULT_MODEL, "--initial-peers", peer, "--out", str(tmp_path)]) == 2
+    assert "holds no swarmlm checkpoint" in caplog.text and "--overwrite" in caplog.text
+    assert (tmp_path / "notes" / "IMPORTANT.txt").read_text() == "keep me"
+
+
 def test_without_rename_exchange_a_crash_between_renames_is_recovered(tmp_path, starting_model, monkeypatch):
     from swarmlm.training import checkpoint
 

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from swarmlm.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.json"
@@ -30,8 +32,14 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
 
-def save_checkpoint(directory: str | os.PathLike, model, tokenizer, training_state: Optional[dict] = None) -> Path:
-    """Writes model weights (safetensors), config, tokenizer and `training_state` to `directory` atomically."""
+def save_checkpoint(directory: str | os.PathLike, model, tokenizer, training_state: Optional[dict] = None, *,
+                    overwrite: bool = False) -> Path:
+    """Writes model weights (safetensors), config, tokenizer and `training_state` to `directory` atomically.
+
+    The new checkpoint is written beside `directory`, then swapped in; the previous one stays whole until the
+    new one is. A save replaces only what a save writes: if `directory` holds anything the new checkpoint does
+    not (a user's files, other weights shards), it raises CheckpointError and changes nothing, unless
+    `overwrite` (then those are deleted with the previous checkpoint)."""
     directory = Path(directory).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover_checkpoint(directory)
@@ -42,11 +50,43 @@ def save_checkpoint(directory: str | os.PathLike, model, tokenizer, training_sta
         if training_state is not None:
             (temporary / TRAINING_STATE_FILE).write_text(json.dumps(training_state, indent=2, sort_keys=True))
         os.chmod(temporary, 0o755)
+        foreign = _foreign_entries(directory, temporary)
+        if foreign and not overwrite:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise CheckpointError(f"{directory} holds files a checkpoint save did not write ({shown}); nothing was "
+                                  f"changed: save to another directory, or overwrite it (--overwrite)")
         _fsync_tree(temporary)
         _move_into_place(temporary, directory)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)  # after an exchange it holds the previous checkpoint
     return directory
+
+
+def check_replaceable(directory: str | os.PathLike, overwrite: bool = False) -> None:
+    """CheckpointError now (before long work) if a save to `directory` would surely refuse: it is a non-empty
+    directory that holds no checkpoint a save wrote (no training_state.json), or not a directory at all."""
+    directory = Path(directory)
+    if overwrite or not directory.exists():
+        return
+    if not directory.is_dir() or (any(directory.iterdir()) and not (directory / TRAINING_STATE_FILE).is_file()):
+        raise CheckpointError(f"{directory} is not empty and holds no swarmlm checkpoint: save to another "
+                              f"directory, or overwrite it (--overwrite)")
+
+
+def _foreign_entries(directory: Path, new: Path) -> list[str]:
+    """What `directory` holds that the new checkpoint in `new` does not, and that no save writes (a training state,
+    weights shards of another sharding): it would be lost in the swap."""
+    if not directory.is_dir():
+        return [directory.name] if directory.exists() else []
+    written = {path.relative_to(new) for path in new.rglob("*")}
+    return sorted(str(rel) for path in directory.rglob("*") if (rel := path.relative_to(directory)) not in written
+                  and not (path.is_dir() and any(path.iterdir())) and not _saved_by_a_save(rel))
+
+
+def _saved_by_a_save(relative: Path) -> bool:
+    name = relative.name
+    return len(relative.parts) == 1 and (name == TRAINING_STATE_FILE or name.endswith(".safetensors")
+                                         or name.endswith(".safetensors.index.json"))
 
 
 def recover_checkpoint(directory: str | os.PathLike) -> None:

@@ -53,7 +53,7 @@ from swarmlm.experts.protocol import (
     unpack,
 )
 from swarmlm.models.checkpoint import load_tensors, resolve_model, tensor_files
-from swarmlm.training.checkpoint import save_checkpoint
+from swarmlm.training.checkpoint import check_replaceable, save_checkpoint
 from swarmlm.transport import Dialer
 
 logger = logging.getLogger(__name__)
@@ -318,8 +318,10 @@ def _assemble(checkpoint: Path, config: PretrainedConfig, family: ModelFamily, b
 
 
 def export_model(model: str, initial_peers: Sequence[str], out: str | os.PathLike, *,
-                 dht_prefix: Optional[str] = None, timeout: float = 120.0) -> ExportResult:
-    """Fetches every block from the swarm and writes the checkpoint directory `out` (see the module docstring)."""
+                 dht_prefix: Optional[str] = None, timeout: float = 120.0, overwrite: bool = False) -> ExportResult:
+    """Fetches every block from the swarm and writes the checkpoint directory `out` (see the module docstring);
+    CheckpointError, before any block is fetched, if `out` holds files a save would not write (unless `overwrite`)."""
+    check_replaceable(out, overwrite)
     resolved = resolve_model(model)
     config = AutoConfig.from_pretrained(resolved.path)
     family = family_for_config(config)
@@ -332,7 +334,7 @@ def export_model(model: str, initial_peers: Sequence[str], out: str | os.PathLik
         remote.close()
     hf_model = _assemble(resolved.path, config, family, blocks)
     provenance = dict(exported_from=name, checkpoint=str(resolved.path), blocks=[asdict(s) for s in sources])
-    path = save_checkpoint(out, hf_model, _TokenizerFiles(resolved.path), training_state=provenance)
+    path = save_checkpoint(out, hf_model, _TokenizerFiles(resolved.path), training_state=provenance, overwrite=overwrite)
     logger.info(f"Exported {name} to {path}: " + ", ".join(f"{s.start}:{s.end} from {s.peer_id}" for s in sources))
     return ExportResult(path, sources)
 
