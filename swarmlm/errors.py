@@ -4,7 +4,8 @@ SwarmError
 ├── ModelNotFoundError       a model name/path that resolves to nothing on this machine
 ├── UnsupportedModelError    a model family without an adapter
 ├── RequestError             a peer refused a request as invalid (bad shapes, dtypes, blocks...)
-│   └── CacheBudgetError     a peer has no room for the session's KV cache ("busy")
+│   ├── CacheBudgetError     a peer has no room for the session's KV cache ("busy")
+│   └── LimitError           a peer's limit on connections or streams is reached ("busy")
 ├── MissingBlocksError       no peer in the swarm serves some blocks the client needs
 ├── RemotePeerError          a call to a peer failed (network, peer died, remote error)
 ├── ExportError              `swarmlm export`: the swarm cannot provide every block of the model
@@ -38,6 +39,12 @@ class RequestError(SwarmError):
 
 class CacheBudgetError(RequestError):
     """Raised by a peer that cannot reserve KV-cache tokens for a new session."""
+
+    code = "busy"
+
+
+class LimitError(RequestError):
+    """Raised by a peer whose limit on open connections or streams (per source or in total) is reached."""
 
     code = "busy"
 

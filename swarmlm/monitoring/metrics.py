@@ -17,9 +17,10 @@ Who feeds what:
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
 
 from swarmlm.dht.records import ServerRecord, ServerState
 
@@ -55,6 +56,9 @@ class PeerMetrics:
             "swarmlm_pushed_steps", "Inference steps sent straight on to the route's next peer, by transport (direct: "
             "plain TCP, p2p: through the p2p daemons)", ["transport"], registry=r)
         self._sessions = Gauge("swarmlm_inference_sessions_active", "Open inference sessions", registry=r)
+        self._open_channels = Gauge(
+            "swarmlm_open_connections", "Open sessions and push streams other nodes hold on this peer (p2p and direct)",
+            registry=r)
         self._cache_used = Gauge(
             "swarmlm_kv_cache_used_tokens", "KV-cache tokens reserved by open sessions (batch x max_length each)",
             registry=r)
@@ -113,6 +117,12 @@ class PeerMetrics:
 
     # ---- live state, read at scrape time -------------------------------------------------------------
 
+    def watch_channels(self, open_channels: Callable[[], float], refused: Mapping[str, int]) -> None:
+        """Makes the open-channels gauge read `open_channels`, and exports `refused` (reason -> refusals so far,
+        see swarmlm.transport.limits) as the counter swarmlm_refused_connections_total, at every scrape."""
+        self._open_channels.set_function(open_channels)
+        self.registry.register(_RefusalCollector(refused))
+
     def watch(self, active_sessions: Callable[[], float], cache_used_tokens: Callable[[], float],
               cache_free_tokens: Callable[[], float]) -> None:
         """Makes the session and KV-cache gauges read these functions at every scrape."""
@@ -132,6 +142,23 @@ class PeerMetrics:
         self._served_blocks.set(record.end - record.start)
         self._throughput.set(record.throughput)
         self._dht_peers.set(dht_peers)
+
+
+class _RefusalCollector:
+    """swarmlm_refused_connections_total{reason}: channels the transport refused, read at scrape time."""
+
+    REASONS = ("per_source", "total", "admission")  # swarmlm.transport.limits.REFUSAL_REASONS
+
+    def __init__(self, refused: Mapping[str, int]):
+        self.refused = refused
+
+    def collect(self):
+        family = CounterMetricFamily("swarmlm_refused_connections", "Sessions and push streams this peer refused: "
+                                     "a source over its limit, everyone over the total, or not admitted",
+                                     labels=["reason"])
+        for reason in self.REASONS:
+            family.add_metric([reason], self.refused.get(reason, 0))
+        yield family
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:

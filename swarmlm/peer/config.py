@@ -9,6 +9,7 @@ from typing import ClassVar, Optional
 
 from swarmlm.settings import setting
 from swarmlm.transport.direct import direct_hosts, loopback_only
+from swarmlm.transport.limits import ChannelLimits
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ class PeerConfig:
         "seconds one forward/backward/inference step may take"))
     session_timeout: float = field(default=300.0, metadata=setting(
         "seconds an idle inference session stays open (then its cache is freed)"))
+    max_connections_per_source: int = field(default=256, metadata=setting(
+        "open sessions and push streams one source may hold (a peer id; an IP address for direct connections); "
+        "more are refused as busy"))
+    max_connections: int = field(default=4096, metadata=setting(
+        "open sessions and push streams from everyone (more are refused as busy)"))
     update_period: float = field(default=30.0, metadata=setting(
         "seconds between DHT announcements (records expire after 2x)"))
     balance_period: float = field(default=120.0, metadata=setting(
@@ -121,6 +127,7 @@ class PeerConfig:
         return self.direct if self.direct is not None else loopback_only(self.host_maddrs, self.announce_maddrs)
 
     def __post_init__(self):
+        ChannelLimits(self.max_connections_per_source, self.max_connections)  # raises ValueError if invalid
         if (self.blocks is None) == (self.num_blocks is None):
             raise ValueError("give exactly one of blocks (A:B) or num_blocks (N)")
         if not self.new_swarm and not self.initial_peers:

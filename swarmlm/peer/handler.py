@@ -17,7 +17,7 @@ import torch
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
-from swarmlm.errors import RequestError
+from swarmlm.errors import LimitError, RequestError
 from swarmlm.experts.protocol import (
     BACKWARD,
     FORWARD,
@@ -51,6 +51,12 @@ logger = logging.getLogger(__name__)
 
 CALLER_TIMEOUT_SHARE = 0.9  # a forward/backward call gives up after this share of its caller's timeout (the rest
 # is for the answer's way back), so that a training peer never counts a micro-batch whose caller retried elsewhere
+
+
+def refuse_busy(channel, reason: str) -> None:
+    """The answer to a channel the transport refused (a limit, or admission): a "busy" error, so that a client
+    tries another peer."""
+    channel.send(error_response(LimitError(reason)))
 
 
 class SpanHandler:
@@ -92,6 +98,7 @@ class SpanHandler:
         pushes go out through a Dialer on the same p2p, direct where this peer serves direct connections."""
         self.server = server
         self.pushes.dialer = Dialer(server.p2p, direct=False)
+        self.metrics.watch_channels(lambda: server.channels.total, server.channels.refused)
         await server.serve(
             channels={INFERENCE: self.sessions.serve, PUSH: self._serve_pushes},
             protobuf={FORWARD: (self.rpc_forward, runtime_pb2.ExpertRequest, True),

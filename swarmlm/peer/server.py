@@ -38,12 +38,13 @@ from swarmlm.monitoring.metrics import PeerMetrics
 from swarmlm.peer.block_selection import block_throughputs, choose_span
 from swarmlm.peer.cache_budget import CacheBudget
 from swarmlm.peer.config import PeerConfig
-from swarmlm.peer.handler import SpanHandler
+from swarmlm.peer.handler import SpanHandler, refuse_busy
 from swarmlm.peer.validation import Limits
 from swarmlm.peer.rebalancing import plan_move
 from swarmlm.peer.throughput import measure_throughput
 from swarmlm.peer.trainer_hook import BlockTrainer
 from swarmlm.transport import Server
+from swarmlm.transport.limits import ChannelLimits, raise_open_files_limit
 from swarmlm.transport.direct import direct_hosts
 from swarmlm.utils.aio import LoopThread
 from swarmlm.utils.lifetime import children_die_with_this_process
@@ -90,6 +91,7 @@ class Peer:
     def start_dht(self) -> list[str]:
         """Joins (or starts) the swarm; returns this node's full multiaddrs."""
         c = self.config
+        raise_open_files_limit()  # before the DHT process and the p2p daemon start: they inherit it
         self.dht = create_dht(
             [] if c.new_swarm else c.initial_peers, c.host_maddrs, c.announce_maddrs, c.identity_path,
             use_nat_port_map=c.use_nat_port_map, use_relay=c.use_relay, startup_timeout=c.startup_timeout,
@@ -193,7 +195,8 @@ class Peer:
     async def _serve(self) -> None:
         c = self.config
         self._p2p = await self.dht.replicate_p2p()
-        await self.handler.serve(Server(self._p2p))
+        limits = ChannelLimits(c.max_connections_per_source, c.max_connections)
+        await self.handler.serve(Server(self._p2p, limits=limits, refuse=refuse_busy))
         if c.serves_direct:
             bind, announce = direct_hosts(c.host_maddrs, c.announce_maddrs)
             self.direct_address = await self.handler.serve_direct(bind, c.direct_port, announce)

@@ -34,7 +34,8 @@ HELLO = b"swarmlm-direct/1"
 MAX_HELLO_BYTES = 256  # a hello line longer than this is refused
 HELLO_TIMEOUT = 10.0  # seconds a new connection may take to say hello
 CONNECT_TIMEOUT = 5.0  # seconds to connect and be greeted before falling back to p2p
-MAX_CONNECTIONS = 1024  # open direct connections a peer accepts at most (more are closed at once)
+MAX_CONNECTIONS = 1024  # open direct connections a listener accepts at most by default, hello or not (more are
+# closed at once; a peer's Server passes its channel limit)
 
 Handler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]  # (caller, reader, writer):
 # the caller is "tcp:HOST:PORT", its address (no proven identity, unlike a p2p caller's peer id)
@@ -106,8 +107,8 @@ class DirectListener:
     an unknown method, too long or too late) is closed, and so is any beyond MAX_CONNECTIONS; the listener
     keeps serving. `stop` closes the listener and every connection still open."""
 
-    def __init__(self, peer_id: str, handlers: dict[str, Handler]):
-        self.peer_id, self.handlers = peer_id, handlers
+    def __init__(self, peer_id: str, handlers: dict[str, Handler], max_connections: int = MAX_CONNECTIONS):
+        self.peer_id, self.handlers, self.max_connections = peer_id, handlers, max_connections
         self.address: Optional[str] = None  # "host:port" to announce, once started
         self._server: Optional[asyncio.AbstractServer] = None
         self._open: set[asyncio.StreamWriter] = set()
@@ -122,8 +123,8 @@ class DirectListener:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host, port = writer.get_extra_info("peername")[:2]
         caller = f"tcp:{host}:{port}"
-        if len(self._open) >= MAX_CONNECTIONS:
-            logger.info(f"Closed a direct connection from {caller}: {MAX_CONNECTIONS} are open")
+        if len(self._open) >= self.max_connections:
+            logger.info(f"Closed a direct connection from {caller}: {self.max_connections} are open")
             writer.close()
             return
         self._open.add(writer)

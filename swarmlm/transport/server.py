@@ -7,8 +7,9 @@ Two kinds of methods:
   handlers, p2p only, `handler(request(s), context)` as hivemind calls them.
 
 `admit(peer, kind, method)` runs before any handler: it returns None to let the caller in, or the reason it
-is refused (the stream is closed, a protobuf call fails with that reason). It is where authentication and
-per-source limits plug in; the default admits everyone.
+is refused (the stream is closed, a protobuf call fails with that reason). It is where authentication plugs
+in; the default admits everyone. Channels then count against their source's and the total limit
+(swarmlm.transport.limits); a refused channel gets `refuse(channel, reason)`'s answer before it is closed.
 """
 
 from __future__ import annotations
@@ -25,18 +26,23 @@ from swarmlm.errors import RefusedError
 from swarmlm.transport import p2p as p2p_adapter
 from swarmlm.transport.channel import DIRECT, P2P_KIND, Channel
 from swarmlm.transport.direct import DirectListener
+from swarmlm.transport.limits import ChannelCounts, ChannelLimits, source_of
 
 logger = logging.getLogger(__name__)
 
 ChannelHandler = Callable[[Channel], Awaitable[None]]
 Admit = Callable[[str, str, str], Optional[str]]  # (peer, "p2p" | "direct", method) -> None or why refused
+Refuse = Callable[[Channel, str], None]  # (channel, reason): answers a refused channel before it is closed
 
 
 class Server:
-    def __init__(self, p2p: P2P, admit: Optional[Admit] = None):
+    def __init__(self, p2p: P2P, admit: Optional[Admit] = None, limits: ChannelLimits = ChannelLimits(),
+                 refuse: Optional[Refuse] = None):
         self.p2p = p2p
         self.peer_id = p2p_adapter.own_id(p2p)
         self.admit: Admit = admit if admit is not None else (lambda peer, kind, method: None)
+        self.channels = ChannelCounts(limits)  # open channels per source (see swarmlm.transport.limits)
+        self.refuse = refuse
         self.direct: Optional[DirectListener] = None
         self._channels: dict[str, ChannelHandler] = {}
         self._protobuf: dict[str, bool] = {}  # method -> stream
@@ -61,7 +67,8 @@ class Server:
     async def serve_direct(self, host: str, port: int, announce_host: str) -> str:
         """Also serves the channel methods on direct TCP at host:port (0: any free port); returns the address
         to announce (in the peer's info answer, never in a DHT record)."""
-        self.direct = DirectListener(self.peer_id, {m: self._stream_handler(m, DIRECT) for m in self._channels})
+        self.direct = DirectListener(self.peer_id, {m: self._stream_handler(m, DIRECT) for m in self._channels},
+                                     max_connections=self.channels.limits.total)
         return await self.direct.start(host, port, announce_host)
 
     async def stop(self) -> None:
@@ -77,11 +84,26 @@ class Server:
         return reason
 
     def _gated(self, method: str, handler: ChannelHandler) -> ChannelHandler:
+        """The handler behind `admit` and the channel limits: a refused channel gets `refuse`'s answer (if any)
+        and is closed; an admitted one counts against its source until its handler returns."""
         async def gated(channel: Channel) -> None:
-            if self._refusal(channel.peer, channel.kind, method) is not None:
+            source = source_of(channel.peer)
+            reason = self._refusal(channel.peer, channel.kind, method)
+            if reason is not None:
+                self.channels.refused["admission"] += 1
+            else:
+                reason = self.channels.acquire(source)
+                if reason is not None:
+                    logger.info(f"Refused {method} from {channel.peer} ({channel.kind}): {reason}")
+            if reason is not None:
+                if self.refuse is not None:
+                    self.refuse(channel, reason)
                 channel.close()
                 return
-            await handler(channel)
+            try:
+                await handler(channel)
+            finally:
+                self.channels.release(source)
 
         return gated
 
