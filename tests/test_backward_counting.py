@@ -129,18 +129,45 @@ def test_an_answered_backward_call_counts_its_micro_batch_once(span):
 
 def test_a_backward_call_past_its_callers_timeout_counts_nothing(span, caplog):
     """The caller waits 0.5 s (less than the peer's 60 s); its call waits behind a busy compute thread, is
-    answered with a timeout error after CALLER_TIMEOUT_SHARE of that, and its job, which still runs
-    later, drops the gradients."""
+    answered with a timeout error after CALLER_TIMEOUT_SHARE of that, and its job is taken off the queue:
+    it never runs (a flood of such calls costs no compute and frees its inputs)."""
     caplog.set_level(logging.INFO, logger="swarmlm.peer.compute")
     with training_handler(span, request_timeout=60.0) as (handler, trainer):
+        ran = []
+        real = handler.blocks.backward
+        handler.blocks.backward = lambda *args, **kwargs: ran.append(1) or real(*args, **kwargs)
         with busy_compute_thread(handler):
             with pytest.raises(RemotePeerError, match=f"longer than its timeout of {0.5 * CALLER_TIMEOUT_SHARE:.3g} s"):
                 asyncio.run(backward_call(handler, span, caller_timeout=0.5))
+        assert trainer.counted == [] and ran == []
+        assert "Dropped a queued backward job before it ran" in caplog.text
+        assert handler.metrics.registry.get_sample_value("swarmlm_dropped_micro_batches_total") == 1
+        handler.blocks.backward = real
+        asyncio.run(backward_call(handler, span, caller_timeout=30.0))  # the peer keeps serving and counting
+        assert len(trainer.counted) == 1
+
+
+def test_a_backward_job_that_ran_past_its_callers_timeout_drops_its_gradients(span, caplog):
+    """The job had started when its caller's time ran out: it runs to its end, but counts nothing."""
+    caplog.set_level(logging.INFO, logger="swarmlm.peer.compute")
+    with training_handler(span, request_timeout=60.0) as (handler, trainer):
+        started, release = threading.Event(), threading.Event()
+        real = handler.blocks.backward
+
+        def slow(*args, **kwargs):
+            started.set()
+            release.wait(60)
+            return real(*args, **kwargs)
+
+        handler.blocks.backward = slow
+        with pytest.raises(RemotePeerError, match="longer than its timeout"):
+            asyncio.run(backward_call(handler, span, caller_timeout=0.5))
+        assert started.is_set()
+        release.set()
+        handler.compute.submit(lambda: None).result(timeout=60)  # the job has ended
         assert trainer.counted == []
         assert "Dropped the parameter gradients of a micro-batch of 2" in caplog.text
         assert handler.metrics.registry.get_sample_value("swarmlm_dropped_micro_batches_total") == 1
-        asyncio.run(backward_call(handler, span, caller_timeout=30.0))  # the peer keeps serving and counting
-        assert len(trainer.counted) == 1
 
 
 def test_a_backward_call_whose_caller_left_counts_nothing(span):

@@ -281,3 +281,19 @@ def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, 
         remote.loop.run(call())
     assert info.value.code == "bad_request" and message in str(info.value), str(info.value)
     _valid(client)
+
+
+@pytest.mark.parametrize("frame, message", BAD_FRAMES)
+def test_a_forward_call_with_bad_framing_gets_a_clear_error(client, frame, message):
+    """forward (like backward and state) reads its request under a size limit: a frame that announces 1 TB is
+    refused from its header, before any of it is read, and so are a bad marker and bytes that are no protobuf."""
+    remote, peer = client
+
+    async def call():
+        channel = await remote.dialer.open_p2p(peer, FORWARD)
+        return await answer_to_frame(peer, channel.reader, channel.writer, frame)
+
+    with pytest.raises(RemotePeerError) as info:
+        remote.loop.run(call())
+    assert info.value.code == "bad_request" and message in str(info.value), str(info.value)
+    _valid(client)

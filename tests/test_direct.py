@@ -124,7 +124,7 @@ def test_a_direct_address_that_fails_is_replaced_by_p2p(mixed_swarm, model):
 @pytest.mark.parametrize("hello", [
     b"GET / HTTP/1.1\r\n\r\n",
     HELLO + b" inference 12D3KooWNotThisPeer\n",
-    HELLO + b" forward {peer}\n",
+    HELLO + b" nosuchmethod {peer}\n",
     HELLO + b" inference {peer} extra\n",
     HELLO + b" " + b"x" * 300 + b"\n",
     b"\xff\xfe garbage without an end of line",

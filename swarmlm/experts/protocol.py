@@ -98,13 +98,14 @@ class StateTensor(_Wire):
 
 # ---- methods: what a peer serves (swarmlm.peer.handler), by name on the wire (swarmlm.transport.p2p) -----------
 
-FORWARD = "forward"  # protobuf, stream: [hidden, position_ids, (attention_mask)] + SpanRequest -> [hidden]
-BACKWARD = "backward"  # protobuf, stream: [hidden, grad_outputs, position_ids, (attention_mask)] + SpanRequest
+# forward, backward, state: channel methods called as streams (one request frame in, answer frames out)
+FORWARD = "forward"  # stream: [hidden, position_ids, (attention_mask)] + SpanRequest -> [hidden]
+BACKWARD = "backward"  # stream: [hidden, grad_outputs, position_ids, (attention_mask)] + SpanRequest
 # -> [grad_hidden] (+ [grad_prompts] with deep prompts)
-STATE = "state"  # protobuf, stream: SpanRequest(model, start, end) -> the blocks' current tensors, each as chunks of
+STATE = "state"  # stream: SpanRequest(model, start, end) -> the blocks' current tensors, each as chunks of
 # at most STATE_CHUNK_BYTES (hivemind split_for_streaming), one message per chunk; a tensor's first message carries
 # StateTensor (its checkpoint name) in metadata. Taken in one snapshot between optimizer steps.
-INFO = "info"  # protobuf, unary: (empty request) -> PeerInfo in metadata; cheap, so clients also use it to
+INFO = "info"  # hivemind protobuf, unary: (empty request) -> PeerInfo in metadata; cheap, so clients also use it to
 # measure round-trip time
 INFERENCE = "inference"  # channel: SpanRequest(max_length, batch_size, session_id), then per step
 # [hidden, position_ids, (mask)] + InferenceStep; one StepResult answer per message (the first: position 0)

@@ -76,23 +76,31 @@ class BlockCompute:
                 and num_blocks * self.small_step_block_seconds <= INLINE_STEP_SECONDS)
 
     async def run(self, fn, *args, timeout: Optional[float] = None, counting: Optional[Counting] = None):
-        """Runs `fn` on the compute thread under `timeout` (default: the request timeout). With `counting` (passed
-        on to `fn`), a job that runs out of time, or whose caller goes away, counts nothing: unless `fn` already
-        began counting, then its result is awaited and answered (see Counting)."""
-        loop = asyncio.get_running_loop()
+        """Runs `fn` on the compute thread under `timeout` (default: the request timeout). A job that runs out of
+        time, or whose caller goes away, before it started is taken off the queue (it never runs). With
+        `counting` (passed on to `fn`), one that already runs counts nothing: unless `fn` already began
+        counting, then its result is awaited and answered (see Counting)."""
         timeout = self.request_timeout if timeout is None else timeout
-        job = loop.run_in_executor(self.executor, fn if counting is None else partial(fn, counting=counting), *args)
+        queued = self.executor.submit(fn if counting is None else partial(fn, counting=counting), *args)
+        job = asyncio.wrap_future(queued)  # cancelling it cancels `queued` if it has not started
         try:
             return await asyncio.wait_for(job if counting is None else asyncio.shield(job), timeout)
         except asyncio.TimeoutError:
             if counting is None or counting.abandon():
+                self._unqueue(queued, counting)
                 raise RequestError(f"the request took longer than its timeout of {timeout:.3g} s (the peer's "
                                    f"request timeout, or less if the caller waits less)") from None
             return await job  # it is counting its gradients already: they go back to the caller
         except asyncio.CancelledError:
-            if counting is not None:
-                counting.abandon()
+            if counting is not None and counting.abandon():
+                self._unqueue(queued, counting)
             raise
+
+    def _unqueue(self, queued, counting: Optional[Counting]) -> None:
+        """Takes a job whose request gave up off the compute thread's queue, if it has not started."""
+        if queued.cancel() and counting is not None:
+            self.metrics.micro_batch_dropped()
+            logger.info("Dropped a queued backward job before it ran: its request gave up")
 
     def forward(self, span: BlockSpan, hidden, position_ids, mask, first, last, prompts=None):
         with torch.inference_mode():

@@ -11,6 +11,7 @@ those already accepted go on and count in `busy`.
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 from typing import AsyncIterator, Optional
 
 import torch
@@ -44,7 +45,7 @@ from swarmlm.peer.push import Pushes
 from swarmlm.peer.sessions import SHUTTING_DOWN, Sessions, drain, first_request
 from swarmlm.peer.trainer_hook import BlockTrainer
 from swarmlm.peer.validation import Limits, RequestParser
-from swarmlm.transport import Dialer, Server
+from swarmlm.transport import Channel, Dialer, Server
 from swarmlm.transport.p2p import caller_of
 
 logger = logging.getLogger(__name__)
@@ -100,11 +101,9 @@ class SpanHandler:
         self.pushes.dialer = Dialer(server.p2p, direct=False)
         self.metrics.watch_channels(lambda: server.channels.total, server.channels.refused)
         await server.serve(
-            channels={INFERENCE: self.sessions.serve, PUSH: self._serve_pushes},
-            protobuf={FORWARD: (self.rpc_forward, runtime_pb2.ExpertRequest, True),
-                      BACKWARD: (self.rpc_backward, runtime_pb2.ExpertRequest, True),
-                      STATE: (self.rpc_state, runtime_pb2.ExpertRequest, True),
-                      INFO: (self.rpc_info, runtime_pb2.ExpertRequest, False)})
+            channels={INFERENCE: self.sessions.serve, PUSH: self._serve_pushes, FORWARD: self._call(self.rpc_forward),
+                      BACKWARD: self._call(self.rpc_backward), STATE: self._call(self.rpc_state)},
+            protobuf={INFO: (self.rpc_info, runtime_pb2.ExpertRequest, False)})
 
     async def serve_direct(self, host: str, port: int, announce_host: str) -> str:
         """Also serves sessions and pushes on direct TCP at host:port, and pushes over direct connections to
@@ -134,6 +133,30 @@ class SpanHandler:
 
     async def _serve_pushes(self, channel) -> None:
         await self.pushes.serve(channel, self.sessions.deliver)
+
+    def _call(self, rpc):
+        """A stateless method (forward, backward, state) served on a channel: the caller's request frames, read
+        under max_call_bytes (a larger one is refused from its header, before its bytes are read, and answered
+        as a bad request), go to `rpc`; its answers go back as frames. The same frames as hivemind's protobuf
+        streams, which clients call it with (Dialer.answers)."""
+        async def serve(channel: Channel) -> None:
+            max_bytes = self.limits.max_call_bytes()
+
+            async def requests():
+                while (message := await channel.receive(runtime_pb2.ExpertRequest, max_bytes)) is not None:
+                    yield message
+
+            try:
+                async with aclosing(rpc(requests(), channel.peer)) as responses:
+                    async for response in responses:
+                        channel.send(response)
+                        await channel.drain()
+            except ConnectionError as e:  # the caller left
+                logger.debug(f"A call of {channel.peer} broke: {type(e).__name__}: {e}")
+            finally:
+                channel.close()
+
+        return serve
 
     # ---- stateless calls: forward, backward, state -------------------------------------------------
 

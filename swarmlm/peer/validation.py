@@ -42,6 +42,11 @@ class Limits:
         tokens = self.max_request_tokens
         return 4 * tokens * self.hidden_size * (2 if prompts else 1) + 16 * tokens + 2**20
 
+    def max_call_bytes(self) -> int:
+        """The largest forward/backward/state request read: an inference message's, plus the gradients of a
+        backward call (float32, as large as the hidden states)."""
+        return self.max_message_bytes() + 4 * self.max_request_tokens * self.hidden_size
+
 
 class RequestParser:
     """Validates requests against `limits` and places their tensors on `device` in `dtype` (the blocks')."""

@@ -53,8 +53,11 @@ def own_id(p2p: P2P) -> str:
     return p2p.peer_id.to_base58()
 
 
-def caller_of(context: P2PContext) -> str:
-    """The base58 peer id of whoever made a protobuf call (proven by libp2p's handshake)."""
+def caller_of(context: "P2PContext | str") -> str:
+    """Who made a call: the base58 peer id of a protobuf call's caller (proven by libp2p's handshake); a
+    channel's caller (already a string) as it is."""
+    if isinstance(context, str):
+        return context
     return context.remote_id.to_base58() if isinstance(context.remote_id, PeerID) else str(context.remote_id)
 
 

@@ -1,10 +1,10 @@
 """Server: what one node serves, over p2p and (when asked) direct TCP, behind one admission hook.
 
 Two kinds of methods:
-- channel methods (inference, push): `handler(channel)` owns a raw framed stream (swarmlm.transport.channel),
-  served on p2p streams and, after `serve_direct`, on direct connections too;
-- protobuf methods (forward, backward, state: stream in, stream out; info: unary): hivemind's protobuf
-  handlers, p2p only, `handler(request(s), context)` as hivemind calls them.
+- channel methods (a peer's inference, push, forward, backward, state): `handler(channel)` owns a raw framed
+  stream (swarmlm.transport.channel), served on p2p streams and, after `serve_direct`, on direct connections too;
+- protobuf methods (a peer's info: unary; stream in, stream out also possible): hivemind's protobuf handlers,
+  p2p only, `handler(request(s), context)` as hivemind calls them.
 
 `admit(peer, kind, method)` runs before any handler: it returns None to let the caller in, or the reason it
 is refused (the stream is closed, a protobuf call fails with that reason). It is where authentication plugs
