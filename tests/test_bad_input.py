@@ -267,30 +267,17 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
     _valid(client)
 
 
+@pytest.mark.parametrize("method", [INFERENCE, FORWARD])
 @pytest.mark.parametrize("frame, message", BAD_FRAMES)
-def test_an_inference_stream_with_bad_framing_gets_a_clear_error(client, frame, message):
-    """rpc_inference reads raw frames: a bad marker, an oversized length or bytes that are no protobuf are
-    answered with a bad_request error; the peer keeps serving (the same over direct connections: test_direct.py)."""
+def test_a_stream_with_bad_framing_gets_a_clear_error(client, method, frame, message):
+    """Inference sessions and forward calls (like backward and state) read raw frames under a size limit: a frame
+    that announces 1 TB is refused from its header, before any of it is read, and so are a bad marker and bytes
+    that are no protobuf, each with a bad_request error; the peer keeps serving (the same over direct
+    connections: test_direct.py)."""
     remote, peer = client
 
     async def call():
-        channel = await remote.dialer.open_p2p(peer, INFERENCE)
-        return await answer_to_frame(peer, channel.reader, channel.writer, frame)
-
-    with pytest.raises(RemotePeerError) as info:
-        remote.loop.run(call())
-    assert info.value.code == "bad_request" and message in str(info.value), str(info.value)
-    _valid(client)
-
-
-@pytest.mark.parametrize("frame, message", BAD_FRAMES)
-def test_a_forward_call_with_bad_framing_gets_a_clear_error(client, frame, message):
-    """forward (like backward and state) reads its request under a size limit: a frame that announces 1 TB is
-    refused from its header, before any of it is read, and so are a bad marker and bytes that are no protobuf."""
-    remote, peer = client
-
-    async def call():
-        channel = await remote.dialer.open_p2p(peer, FORWARD)
+        channel = await remote.dialer.open_p2p(peer, method)
         return await answer_to_frame(peer, channel.reader, channel.writer, frame)
 
     with pytest.raises(RemotePeerError) as info:

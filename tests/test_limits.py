@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 from conftest import client_model
 from metrics_scrape import metrics_url, scrape_until, value
 from swarmlm.local_swarm import local_swarm

@@ -110,10 +110,12 @@ def test_channels_and_calls_over_p2p_and_direct_and_the_admission_hook(two_nodes
     async def info(request, context):
         return runtime_pb2.ExpertResponse(metadata=p2p_adapter.caller_of(context).encode())
 
-    async def stream(requests, context):
-        async for request in requests:
-            yield runtime_pb2.ExpertResponse(metadata=request.metadata * 2)
-            return
+    async def double(channel):  # a call as peers serve forward: one request in, its answer out, then the end
+        request = await channel.receive(runtime_pb2.ExpertRequest, 2**20)
+        channel.send(runtime_pb2.ExpertResponse(metadata=request.metadata * 2))
+        while await channel.receive(runtime_pb2.ExpertRequest, 2**20) is not None:
+            pass
+        channel.close()
 
     called = []
 
@@ -122,10 +124,9 @@ def test_channels_and_calls_over_p2p_and_direct_and_the_admission_hook(two_nodes
 
     async def run():
         server = Server(a, admit=lambda peer, kind, method: "not you" if method in refused_methods else None)
-        await server.serve(channels={"echo": echo, "secret": secret},
-                           protobuf={"info": (info, runtime_pb2.ExpertRequest, False),
-                                     "double": (stream, runtime_pb2.ExpertRequest, True),
-                                     "hidden": (stream, runtime_pb2.ExpertRequest, True)})
+        await server.serve(channels={"echo": echo, "secret": secret, "double": double},
+                           unary={"info": (info, runtime_pb2.ExpertRequest),
+                                  "hidden": (info, runtime_pb2.ExpertRequest)})
         address = await server.serve_direct("127.0.0.1", 0, "127.0.0.1")
         dialer, peer = Dialer(b), p2p_adapter.own_id(a)
         results = {}
@@ -143,9 +144,8 @@ def test_channels_and_calls_over_p2p_and_direct_and_the_admission_hook(two_nodes
             assert await channel.receive(runtime_pb2.ExpertResponse, 2**20) is None  # closed, handler never ran
         refused_methods.add("hidden")
         with pytest.raises(Exception, match="not you"):
-            async with dialer.answers(peer, "hidden", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse) as answers:
-                await answers.__anext__()
-        assert called == []
+            await dialer.call(peer, "hidden", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
+        assert called == [] and server.channels.refused["admission"] == 3
         wrong = await dialer.open_direct("QmSomeoneElse", "echo", address)  # the listener is not that peer
         assert wrong is None
         await server.stop()

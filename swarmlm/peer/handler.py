@@ -103,7 +103,7 @@ class SpanHandler:
         await server.serve(
             channels={INFERENCE: self.sessions.serve, PUSH: self._serve_pushes, FORWARD: self._call(self.rpc_forward),
                       BACKWARD: self._call(self.rpc_backward), STATE: self._call(self.rpc_state)},
-            protobuf={INFO: (self.rpc_info, runtime_pb2.ExpertRequest, False)})
+            unary={INFO: (self.rpc_info, runtime_pb2.ExpertRequest)})
 
     async def serve_direct(self, host: str, port: int, announce_host: str) -> str:
         """Also serves sessions and pushes on direct TCP at host:port, and pushes over direct connections to

@@ -69,20 +69,15 @@ async def serve_raw(p2p: P2P, method: str, handler: RawHandler, balanced: bool =
     await p2p.add_binary_stream_handler(handle_name(method), handle, balanced)
 
 
-async def serve_protobuf(p2p: P2P, method: str, handler, request_type: type[Message], *, stream: bool,
-                         balanced: bool = False) -> None:
-    """Serves `method` with hivemind's protobuf streams: `stream` -> `handler(requests, context)` is an async
-    generator of answers (stream in, stream out); else `handler(request, context)` returns one answer (unary)."""
-    await p2p.add_protobuf_handler(handle_name(method), handler, request_type, stream_input=stream,
-                                   stream_output=stream, balanced=balanced)
+async def serve_unary(p2p: P2P, method: str, handler, request_type: type[Message], balanced: bool = False) -> None:
+    """Serves `method` as a unary protobuf call: `handler(request, context)` returns the one answer."""
+    await p2p.add_protobuf_handler(handle_name(method), handler, request_type, balanced=balanced)
 
 
-async def stop_serving(p2p: P2P, raw: list[str], protobuf: dict[str, bool]) -> None:
-    """Stops serving the `raw` methods and the `protobuf` ones ({method: stream})."""
-    await asyncio.gather(
-        *(p2p.remove_binary_stream_handler(handle_name(m)) for m in raw),
-        *(p2p.remove_protobuf_handler(handle_name(m), stream_input=s, stream_output=s) for m, s in protobuf.items()),
-    )
+async def stop_serving(p2p: P2P, raw: list[str], unary: list[str]) -> None:
+    """Stops serving the `raw` methods and the `unary` ones."""
+    await asyncio.gather(*(p2p.remove_binary_stream_handler(handle_name(m)) for m in raw),
+                         *(p2p.remove_protobuf_handler(handle_name(m)) for m in unary))
 
 
 async def open_raw(p2p: P2P, peer: str, method: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

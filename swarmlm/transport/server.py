@@ -3,8 +3,7 @@
 Two kinds of methods:
 - channel methods (a peer's inference, push, forward, backward, state): `handler(channel)` owns a raw framed
   stream (swarmlm.transport.channel), served on p2p streams and, after `serve_direct`, on direct connections too;
-- protobuf methods (a peer's info: unary; stream in, stream out also possible): hivemind's protobuf handlers,
-  p2p only, `handler(request(s), context)` as hivemind calls them.
+- unary protobuf methods (a peer's info): hivemind's unary handlers, p2p only, `handler(request, context)`.
 
 `admit(peer, kind, method)` runs before any handler: it returns None to let the caller in, or the reason it
 is refused (the stream is closed, a protobuf call fails with that reason). It is where authentication plugs
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import aclosing
 from typing import Awaitable, Callable, Optional
 
 from google.protobuf.message import Message
@@ -45,7 +43,7 @@ class Server:
         self.refuse = refuse
         self.direct: Optional[DirectListener] = None
         self._channels: dict[str, ChannelHandler] = {}
-        self._protobuf: dict[str, bool] = {}  # method -> stream
+        self._unary: list[str] = []
 
     @property
     def direct_address(self) -> Optional[str]:
@@ -53,15 +51,15 @@ class Server:
         return self.direct.address if self.direct is not None else None
 
     async def serve(self, channels: dict[str, ChannelHandler],
-                    protobuf: dict[str, tuple[Callable, type[Message], bool]]) -> None:
-        """Serves `channels` ({method: handler}) and `protobuf` ({method: (handler, request type, stream)}) on p2p."""
+                    unary: dict[str, tuple[Callable, type[Message]]]) -> None:
+        """Serves `channels` ({method: handler}) and `unary` protobuf methods ({method: (handler, request type)})
+        on p2p."""
         self._channels.update(channels)
-        self._protobuf.update({method: stream for method, (_, _, stream) in protobuf.items()})
+        self._unary += list(unary)
         await asyncio.gather(
             *(p2p_adapter.serve_raw(self.p2p, method, self._stream_handler(method, P2P_KIND)) for method in channels),
-            *(p2p_adapter.serve_protobuf(self.p2p, method, self._admitted(method, handler, stream), request_type,
-                                         stream=stream)
-              for method, (handler, request_type, stream) in protobuf.items()),
+            *(p2p_adapter.serve_unary(self.p2p, method, self._admitted(method, handler), request_type)
+              for method, (handler, request_type) in unary.items()),
         )
 
     async def serve_direct(self, host: str, port: int, announce_host: str) -> str:
@@ -75,7 +73,7 @@ class Server:
         """No new streams or calls; direct connections closed."""
         if self.direct is not None:
             await self.direct.stop()
-        await p2p_adapter.stop_serving(self.p2p, list(self._channels), self._protobuf)
+        await p2p_adapter.stop_serving(self.p2p, list(self._channels), self._unary)
 
     def _refusal(self, peer: str, kind: str, method: str) -> Optional[str]:
         reason = self.admit(peer, kind, method)
@@ -116,23 +114,13 @@ class Server:
 
         return handle
 
-    def _admitted(self, method: str, handler: Callable, stream: bool) -> Callable:
-        def check(context) -> None:
+    def _admitted(self, method: str, handler: Callable) -> Callable:
+        """A unary handler behind `admit`: a refused call fails with the reason (RefusedError)."""
+        async def unary(request, context):
             reason = self._refusal(p2p_adapter.caller_of(context), P2P_KIND, method)
             if reason is not None:
+                self.channels.refused["admission"] += 1
                 raise RefusedError(reason)
+            return await handler(request, context)
 
-        if not stream:
-            async def unary(request, context):
-                check(context)
-                return await handler(request, context)
-
-            return unary
-
-        async def streaming(requests, context):
-            check(context)
-            async with aclosing(handler(requests, context)) as responses:  # its cleanup runs when we end
-                async for response in responses:
-                    yield response
-
-        return streaming
+        return unary
