@@ -126,7 +126,8 @@ def bench_model(name: str, args: argparse.Namespace, env: dict, log_dir: Path) -
                                  args.p2p)
         print(f"[{name}] swarm ready: dht + peers {', '.join(SPANS)}", flush=True)
 
-        swarm = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=dht_maddrs)
+        # raw swarm speed: verification off (bench_verification.py measures what it costs)
+        swarm = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=dht_maddrs, verify="off")
         local = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.torch_dtype)).to(device).eval()
         # swarm and local runs alternate, so that both see the same machine (its speed drifts over a run)
         speeds: dict[str, list[float]] = {"swarm": [], "local": []}

@@ -13,8 +13,8 @@ STARTUP_TIMEOUT = 600.0  # seconds for a node to print READY (large peers measur
 class Node(NodeProcess):
     ready_timeout = STARTUP_TIMEOUT
 
-    def __init__(self, args: list[str], log_path: Path, env: dict):
-        super().__init__(*args, "--log-level", "warning", env=env, stderr_path=log_path)
+    def __init__(self, args: list[str], log_path: Path, env: dict, program: tuple[str, ...] = ("-m", "swarmlm.cli")):
+        super().__init__(*args, "--log-level", "warning", env=env, stderr_path=log_path, program=program)
 
     def wait_for(self, prefix: str, timeout: float = STARTUP_TIMEOUT) -> str:
         """Reads lines until one starts with `prefix` and returns it; raises if the node exits or times out."""

@@ -89,11 +89,11 @@ def command_flags() -> dict[str, list[Flags]]:
     }
 
 
-def _start_dht(s: Settings, initial_peers: list[str]):
+def _start_dht(s: Settings, initial_peers: list[str], protected=None):
     from swarmlm.dht.node import create_dht
 
     return create_dht(initial_peers, s["host_maddrs"], s["announce_maddrs"], s["identity_path"],
-                      use_nat_port_map=s["use_nat_port_map"])
+                      use_nat_port_map=s["use_nat_port_map"], protected=protected or {})
 
 
 def _initial_peers(s: Settings) -> list[str]:
@@ -202,7 +202,9 @@ def cmd_train(args, s: Settings) -> int:
     starting = build_model(config.model, config.seed, config.num_layers)
     data = prepare_data(config.data, starting.tokenizer)
     logging.getLogger("swarmlm").info(f"Data: {data.stats}")
-    dht = _start_dht(s, [] if s["new_swarm"] else s["initial_peers"])
+    from swarmlm.dht.records import TRAINER_SUBKEY_TAG, roster_key
+
+    dht = _start_dht(s, [] if s["new_swarm"] else s["initial_peers"], {roster_key(config.run_id): TRAINER_SUBKEY_TAG})
     children_die_with_this_process()  # the optimizer's averager processes, forked later, die with this trainer
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

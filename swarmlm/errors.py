@@ -12,6 +12,9 @@ SwarmError
 ├── TrainingDataError        the training data cannot be used (missing files, too small, ...)
 ├── TrainingDivergedError    a trainer's loss became NaN or infinite
 ├── CheckpointError          a save would delete files it did not write (nothing was changed)
+├── IdentityError            an identity file that is not a libp2p RSA private key (also a ValueError)
+├── WrongOutputError         a peer's output was caught wrong: it is banned, the session rolled back
+├── VerificationError        outputs could not be verified (peers disagree and nothing can tell who is right)
 ├── ChannelClosedError       a message was sent into a closed channel (also a ConnectionError)
 └── RefusedError             a node's admission hook refused a caller (also a PermissionError)
 """
@@ -63,10 +66,11 @@ class MissingBlocksError(SwarmError):
 
 
 class RemotePeerError(SwarmError):
-    """A call to a remote peer failed. `code` is the peer's error code when it answered with one."""
+    """A call to a remote peer failed. `code` is the peer's error code when it answered with one; `wrong_output`:
+    the peer answered, with numbers no honest peer gives (NaN, infinite)."""
 
-    def __init__(self, peer: str, message: str, code: str | None = None):
-        self.peer, self.code = peer, code
+    def __init__(self, peer: str, message: str, code: str | None = None, wrong_output: bool = False):
+        self.peer, self.code, self.wrong_output = peer, code, wrong_output
         super().__init__(f"peer {peer}: {message}")
 
 
@@ -92,3 +96,22 @@ class RefusedError(SwarmError, PermissionError):
 
 class CheckpointError(SwarmError):
     """A checkpoint save would delete files it did not write; nothing was changed (see save_checkpoint)."""
+
+
+class IdentityError(SwarmError, ValueError):
+    """An identity file that cannot be used: swarmlm identities are libp2p RSA private keys (see dht.identity)."""
+
+
+class WrongOutputError(SwarmError):
+    """A peer answered well-shaped wrong numbers and verification caught it (client.verification). The peer is
+    banned for this client and the session has rolled back to `position` tokens; generate() reruns from there."""
+
+    def __init__(self, peer: str, blocks: tuple[int, int], position: int, error: float):
+        self.peer, self.blocks, self.position, self.error = peer, blocks, position, error
+        super().__init__(f"peer {peer} answered wrong hidden states for blocks {blocks[0]}:{blocks[1]} at token "
+                         f"{position} (relative error {error:.3g}); it is banned for this client")
+
+
+class VerificationError(SwarmError):
+    """Outputs could not be verified: peers disagree and no third computation (another replica, local blocks)
+    can tell which one is right, or verification is required and no independent computation exists."""

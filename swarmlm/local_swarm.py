@@ -24,13 +24,14 @@ STDERR_LINES = 2000  # lines of stderr kept in memory when it does not go to a f
 
 
 class NodeProcess:
-    """One `python -m swarmlm.cli ARGS` process. Its stdout is read line by line as it arrives (every line read
+    """One `python -m swarmlm.cli ARGS` process (or `python PROGRAM ARGS`, e.g. a test's modified peer). Its stdout is read line by line as it arrives (every line read
     so far is in `stdout_lines`, multiaddrs in `maddrs`); its stderr goes to `stderr_path` if given, else the
     last STDERR_LINES lines stay in memory (`stderr`)."""
 
     ready_timeout = READY_TIMEOUT  # default of wait_ready and wait_for_line, in seconds
 
-    def __init__(self, *args: str, env: Optional[dict] = None, stderr_path: Optional[Path] = None):
+    def __init__(self, *args: str, env: Optional[dict] = None, stderr_path: Optional[Path] = None,
+                 program: tuple[str, ...] = ("-m", "swarmlm.cli")):
         self.args = args
         self.maddrs: list[str] = []
         self.ready_line = ""
@@ -40,7 +41,7 @@ class NodeProcess:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._lines: queue.Queue = queue.Queue()  # (time.monotonic() when read, line), then (time, None) at exit
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmlm.cli", *args], stdout=subprocess.PIPE,
+            [sys.executable, *program, *args], stdout=subprocess.PIPE,
             stderr=self._stderr_file if self._stderr_file is not None else subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )

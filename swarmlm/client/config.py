@@ -25,3 +25,18 @@ class ClientConfig:
     # rpc_info says where; plain TCP, see swarmlm.transport.direct); p2p otherwise, and whenever that connection fails
     use_nat_port_map: bool = False  # the client never needs a port mapping: it only dials out
     startup_timeout: float = 60.0  # seconds to wait for the client's p2p daemon to start
+    # verification of peers' answers (swarmlm.client.verification): "available" audits every inference session's
+    # outputs where another replica or the local checkpoint can recompute them, "required" fails where nothing can,
+    # "off" trusts the peers
+    verify: str = "available"
+    verify_rate: float = 0.1  # probability that an inference step also audits everything so far (besides the
+    # audit before generate() returns): a liar is caught sooner, so less work is redone
+    verify_tolerance: float = 2e-2  # relative L2 error per token above which an answer counts as wrong
+    verify_locally: bool = True  # the client may compute blocks from its own checkpoint (when it holds them) to
+    # audit what no other peer can, and to settle disagreements
+
+    def __post_init__(self):
+        if self.verify not in ("off", "available", "required"):
+            raise ValueError(f"verify must be off, available or required, got {self.verify!r}")
+        if not 0 <= self.verify_rate <= 1 or not self.verify_tolerance > 0:
+            raise ValueError("need 0 <= verify_rate <= 1 and verify_tolerance > 0")

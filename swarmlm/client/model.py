@@ -22,7 +22,8 @@ from swarmlm.client.config import ClientConfig
 from swarmlm.client.prompt_tuning import PromptPrefix, extend_mask
 from swarmlm.client.session import InferenceSession
 from swarmlm.client.swarm import RemoteSequential
-from swarmlm.errors import SwarmError
+from swarmlm.client.verification import LocalBlocks, VerifiedStreamer
+from swarmlm.errors import SwarmError, VerificationError, WrongOutputError
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.hf_compat import cache_argument, output_cache_field, pop_cache
 from swarmlm.models.checkpoint import load_tensors, resolve_model
@@ -149,18 +150,58 @@ class DistributedCausalLMMixin:
                 if max_new is None:
                     max_new = kwargs.get("max_length", self.generation_config.max_length) - inputs.shape[1]
                 session = stack.enter_context(self.inference_session(inputs.shape[1] + max(max_new, 0)))
-            # generate() hands the cache on to prepare_inputs_for_generation, under that method's name for it
-            remote_cache = cache_argument(type(self).prepare_inputs_for_generation, RemoteCache(session))
-            outputs = super().generate(inputs, *args, attention_mask=attention_mask, **remote_cache, **kwargs)
+            outputs = self._verified_generate(session, inputs, args, attention_mask, kwargs)
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         added = sequences.shape[1] - inputs.shape[1]
         session.output_ids = sequences
         session.output_mask = torch.cat([attention_mask, attention_mask.new_ones(sequences.shape[0], added)], dim=1)
         return outputs
 
+    def _verified_generate(self, session: InferenceSession, inputs, args, attention_mask, kwargs):
+        """HF generate() on `session`, then the audit of every token it produced. When a peer is caught answering
+        wrong numbers (it is banned), the session rolls back to where this call began and generate() reruns with the
+        random state it started with, so the output is what the honest computation gives. A streamer sees verified
+        tokens only (VerifiedStreamer)."""
+        start, rng = session.position, _random_state()
+        streamer = kwargs.pop("streamer", None)
+        if streamer is not None and self.remote.config.verify != "off":
+            streamer = VerifiedStreamer(streamer, session)
+        for attempt in range(self.remote.config.max_retries + 1):
+            # generate() hands the cache on to prepare_inputs_for_generation, under that method's name for it
+            remote_cache = cache_argument(type(self).prepare_inputs_for_generation, RemoteCache(session))
+            try:
+                outputs = super().generate(inputs, *args, attention_mask=attention_mask, streamer=streamer,
+                                           **remote_cache, **kwargs)
+                session.verify()
+                break
+            except WrongOutputError as e:
+                if e.position < start:
+                    raise VerificationError(f"an earlier call's output was wrong ({e}); start a new session") from e
+                if attempt == self.remote.config.max_retries:
+                    raise
+                logger.warning(f"{e}; generating again from token {start - session.prefix_tokens}")
+                session.rollback(start)
+                _restore_random_state(rng)
+                if isinstance(streamer, VerifiedStreamer):
+                    streamer.restart()
+        if isinstance(streamer, VerifiedStreamer):
+            streamer.finish()
+        return outputs
+
     def close(self) -> None:
         """Stops the client's DHT node and network loop."""
         self.remote.close()
+
+
+def _random_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _restore_random_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class AutoDistributedModelForCausalLM:
@@ -205,4 +246,6 @@ class AutoDistributedModelForCausalLM:
         name = client_config.dht_prefix or resolved.name
         model.prompt_prefix = None
         model.remote = RemoteSequential(name, model_config.num_hidden_layers, client_config, hint=str(name_or_path))
+        if client_config.verify_locally:
+            model.remote.auditor.local = LocalBlocks(resolved.path, family, model_config)
         return model

@@ -41,21 +41,31 @@ class PeerBans:
         self.base, self.max_duration, self.clock = base, max_duration, clock
         self._failures: dict[str, int] = {}
         self._until: dict[str, float] = {}
+        self.convicted: set[str] = set()  # peers caught answering wrong numbers: banned for good
         self._lock = threading.Lock()
 
     def ban(self, peer_id: str) -> float:
         """Bans `peer_id`; returns the ban's duration in seconds."""
         with self._lock:
+            if peer_id in self.convicted:
+                return float("inf")
             failures = self._failures.get(peer_id, 0) + 1
             self._failures[peer_id] = failures
             duration = min(self.base * 2 ** (failures - 1), self.max_duration)
             self._until[peer_id] = self.clock() + duration
             return duration
 
+    def convict(self, peer_id: str) -> None:
+        """Bans `peer_id` for the rest of this client's life: it was caught answering wrong numbers."""
+        with self._lock:
+            self.convicted.add(peer_id)
+            self._until[peer_id] = float("inf")
+            self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
+
     def clear(self, peer_id: str) -> None:
         """Forgets `peer_id`'s failures (it just served a request): its next failure bans it for `base` again.
-        O(1) and lock-free for a peer without a record, the common case."""
-        if peer_id not in self._failures:
+        O(1) and lock-free for a peer without a record, the common case. A convicted peer stays banned."""
+        if peer_id not in self._failures or peer_id in self.convicted:
             return
         with self._lock:
             self._failures.pop(peer_id, None)

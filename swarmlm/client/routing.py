@@ -57,26 +57,31 @@ class SequenceManager:
         return self._records
 
     def make_route(self, start: int = 0, end: int | None = None, avoid: frozenset[str] = frozenset(), *,
-                   mode: str = "latency", cache_tokens: int = 0) -> list[RouteHop]:
+                   mode: str = "latency", cache_tokens: int = 0, exclude: frozenset[str] = frozenset()) -> list[RouteHop]:
         """The cheapest chain of hops covering blocks [start, end), by `route_cost`.
 
         mode="latency" (inference): least expected step time. mode="throughput" (forward/backward):
         each peer's compute time is scaled by a random Exp(1) factor, so among equal routes a peer is
         picked with probability proportional to its throughput and load spreads over replicas.
         Peers in `avoid` (recently failed) are used only if the others leave a gap: avoiding a peer must
-        not lose blocks. Raises MissingBlocksError if the ONLINE peers leave a gap (re-reading the DHT first).
+        not lose blocks. Peers in `exclude` are never used. Raises MissingBlocksError if the ONLINE peers leave a gap
+        (re-reading the DHT first).
         """
         end = self.num_blocks if end is None else end
-        route = self._cheapest(start, end, avoid, mode, cache_tokens)
+        route = self._cheapest(start, end, avoid | exclude, mode, cache_tokens)
         if route is None:
             self.refresh(force=True)
-            route = self._cheapest(start, end, avoid, mode, cache_tokens)
-        if route is None and avoid:
+            route = self._cheapest(start, end, avoid | exclude, mode, cache_tokens)
+        if route is None and avoid - exclude:
             logger.info(f"Blocks {start}:{end}: only recently failed peers cover them; trying those again")
-            route = self._cheapest(start, end, frozenset(), mode, cache_tokens)
+            route = self._cheapest(start, end, exclude, mode, cache_tokens)
         if route is None:
             raise MissingBlocksError(self.model, self._missing(start, end), self.hint)
         return route
+
+    def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
+        """Whether ONLINE peers outside `exclude` cover blocks [start, end), in the records last read."""
+        return self._cheapest(start, end, exclude, "latency", 0) is not None
 
     def candidates(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> set[str]:
         """ONLINE peers serving any of blocks [start, end)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +23,8 @@ from swarmlm.client.routing import RouteHop
 from swarmlm.client.rpc import InferenceStream
 from swarmlm.client.step_loop import ForeignStream, StepLoop
 from swarmlm.client.swarm import RemoteSequential
-from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
+from swarmlm.client.verification import Segment
+from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError, WrongOutputError
 from swarmlm.experts.protocol import PushTarget
 
 logger = logging.getLogger(__name__)
@@ -45,10 +47,13 @@ class _Hop:
 
 
 def _check_output(hop: _Hop, output: torch.Tensor, shape: tuple[int, int, int]) -> None:
-    """A hop's answer must be the hidden states [batch, tokens sent, hidden] (else the peer counts as failed)."""
+    """A hop's answer must be finite hidden states [batch, tokens sent, hidden] (else the peer counts as failed, and
+    not the next hop, which would choke on them)."""
     if tuple(output.shape) != shape or not output.is_floating_point():
         raise RemotePeerError(hop.route.peer_id, f"answered a step with a {output.dtype} tensor of shape "
                               f"{list(output.shape)}, expected {list(shape)}")
+    if not bool(torch.isfinite(output).all()):
+        raise RemotePeerError(hop.route.peer_id, "answered a step with NaN or infinite hidden states", wrong_output=True)
 
 
 def _close_all(hops: list[_Hop]) -> None:
@@ -65,9 +70,11 @@ class _History:
         self.lengths: dict[int, int] = {}  # block -> tokens of hidden[block] that are filled
         self.position_ids = torch.zeros(batch, max_length, dtype=torch.int64)
         self.mask = torch.ones(batch, max_length, dtype=torch.bool)
+        self.sources: dict[int, list[tuple[int, int, str]]] = {}  # block -> (start, end, peer) that wrote its inputs
 
-    def write(self, block: int, start: int, hidden: torch.Tensor) -> None:
-        """Records inputs of `block` at positions [start, start + seq); keeps what is already there."""
+    def write(self, block: int, start: int, hidden: torch.Tensor, source: str = "client") -> None:
+        """Records inputs of `block` at positions [start, start + seq), computed by `source` (the peer whose output
+        they are); keeps what is already there."""
         end = start + hidden.shape[1]
         if block not in self.hidden:
             self.hidden[block] = hidden.new_zeros(self.batch, self.max_length, hidden.shape[2])
@@ -75,7 +82,19 @@ class _History:
         keep = max(self.lengths[block], start)
         if keep < end:
             self.hidden[block][:, keep:end] = hidden[:, keep - start:]
+            self.sources.setdefault(block, []).append((keep, end, source))
         self.lengths[block] = max(self.lengths[block], end)
+
+    def sources_of(self, block: int, start: int, end: int) -> dict[tuple[int, int], str]:
+        """{(from, to): peer} for the recorded inputs of `block` that overlap positions [start, end)."""
+        return {(a, b): peer for a, b, peer in self.sources.get(block, []) if a < end and b > start}
+
+    def truncate(self, length: int) -> None:
+        """Forgets everything recorded at positions from `length` on."""
+        for block in self.lengths:
+            self.lengths[block] = min(self.lengths[block], length)
+        for block, spans in self.sources.items():
+            self.sources[block] = [(a, min(b, length), peer) for a, b, peer in spans if a < length]
 
     def mask_chunk(self, start: int, end: int) -> Optional[torch.Tensor]:
         """The mask for positions [start, end), or None when every token so far is attended."""
@@ -105,6 +124,8 @@ class InferenceSession:
         self._step_id = 0  # of the current step (peers echo it in their answers)
         self._loop = StepLoop(remote.loop)  # where steps run: its own loop if the first route is all direct
         self._first_route: Optional[list[RouteHop]] = None  # the route _choose_loop found, for the first _open
+        self._verified = 0  # tokens [0, _verified) hold verified outputs at every block boundary
+        self._audits = random.Random()  # which steps audit (its own generator: the caller's RNG state is theirs)
         self.closed = False
 
     @property
@@ -141,7 +162,57 @@ class InferenceSession:
             self._prompts = prompts.detach()
         output = self._run(self._step(hidden, position_ids, mask_chunk))
         self.position += seq
+        if self.remote.config.verify != "off" and self._audits.random() < self.remote.config.verify_rate:
+            self.verify()
         return output.to(hidden.device, hidden.dtype)
+
+    # ---- verification (swarmlm.client.verification) ---------------------------------------------------------
+
+    @property
+    def verified(self) -> int:
+        """Tokens of the session whose outputs are verified at every block boundary."""
+        return self._verified
+
+    def verify(self) -> None:
+        """Audits every token not verified yet (see swarmlm.client.verification). A peer caught answering wrong
+        numbers is banned and the session rolls back to the first wrong token: WrongOutputError says where."""
+        if self.remote.config.verify != "off" and self.position > self._verified and self._hops:
+            self._run(self._audit())
+
+    async def _audit(self) -> None:
+        n, lo, history = self.position, self._verified, self._history
+        bounds = [hop.route.start for hop in self._hops] + [self.remote.num_blocks]
+        wrong = []
+        for a, b in zip(bounds, bounds[1:]):
+            sources = history.sources_of(b, lo, n)
+            segment = Segment(a, b, history.hidden[a][:, :n], history.hidden[b][:, :n], history.position_ids[:, :n],
+                              history.mask_chunk(0, n), self._prompts, lo, frozenset(sources.values()))
+            verdict = await self.remote.auditor.audit(segment, self._loop.on_shared)
+            if verdict.wrong is not None:
+                liar = next(peer for (x, y), peer in sources.items() if x <= verdict.wrong < y)
+                wrong.append((verdict.wrong, liar, (a, b), verdict.error))
+        if not wrong:
+            self._verified = n
+            return
+        for position, liar, (a, b), error in wrong:
+            self.remote.bans.convict(liar)
+            logger.warning(f"Peer {liar} answered wrong hidden states for blocks {a}:{b} from token {position} on "
+                           f"(relative error {error:.3g}); it is banned for this client")
+        position, liar, blocks, error = min(wrong)
+        self.rollback(position)
+        raise WrongOutputError(liar, blocks, position, error)
+
+    def rollback(self, position: int) -> None:
+        """Forgets the tokens from `position` on: the peers' sessions close, and the next step opens a route (without
+        banned peers) and replays the verified history into it."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to {position}: the session holds {self.position} tokens")
+        if self._history is not None:
+            self._history.truncate(position)
+        self.position, self._verified = position, min(self._verified, position)
+        for hop in self._hops:
+            hop.stream.close()
+        self._hops = []
 
     # ---- where steps run ---------------------------------------------------------------------------------
 
@@ -201,6 +272,8 @@ class InferenceSession:
                 hop.observe_answer(loop.time() - waiting_since)
                 self.pushed_steps += sent
             except RemotePeerError as e:
+                if e.wrong_output:
+                    self.remote.bans.convict(e.peer)
                 await attempts.failed(e, e.peer)
                 await self._replace(i, attempts)
                 # the step goes on under a new id: answers to what the failed hop's peer pushed on are skipped
@@ -208,8 +281,7 @@ class InferenceSession:
                 sent = False
                 continue
             self.remote.bans.clear(hop.route.peer_id)  # O(1) unless the peer has failures on record
-            if hop.route.end < self.remote.num_blocks:
-                history.write(hop.route.end, hop.length, output)
+            history.write(hop.route.end, hop.length, output, source=hop.route.peer_id)
             hop.length, i = end, i + 1
         return output[:, -(end - start):]
 

@@ -19,7 +19,9 @@ from swarmlm.client.config import ClientConfig
 from swarmlm.client.peer_stats import PeerBans
 from swarmlm.client.routing import RouteHop, SequenceManager
 from swarmlm.client.rpc import call_backward, call_forward, call_info
+from swarmlm.client.verification import Auditor
 from swarmlm.dht.node import create_dht, shutdown_dht
+from swarmlm.dht.records import model_keys
 from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
 from swarmlm.experts.protocol import SpanRequest
 from swarmlm.transport import Dialer
@@ -34,12 +36,14 @@ class RemoteSequential:
     def __init__(self, model: str, num_blocks: int, config: ClientConfig, hint: str = ""):
         self.model, self.num_blocks, self.config = model, num_blocks, config
         self.dht = create_dht(config.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True,
+                              protected=model_keys(model, num_blocks),
                               use_nat_port_map=config.use_nat_port_map, startup_timeout=config.startup_timeout)
         self.loop = LoopThread("swarmlm-client-rpc")
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=config.startup_timeout)
         self.dialer = Dialer(self.p2p, direct=config.direct_connections)  # every call and stream to peers goes here
         self.manager = SequenceManager(self.dht, model, num_blocks, config.route_refresh_period, hint)
         self.bans = PeerBans(config.ban_duration, config.max_ban_duration)
+        self.auditor = Auditor(self)  # verifies inference sessions' outputs; model.py gives it the local checkpoint
 
     def span_request(self, hop: RouteHop, **kwargs) -> SpanRequest:
         return SpanRequest(model=self.model, start=hop.start, end=hop.end, **kwargs)
@@ -75,17 +79,20 @@ class RemoteSequential:
 
         await asyncio.gather(*(probe_one(peer_id) for peer_id in peer_ids))
 
-    async def make_route(self, start: int, end: int, *, mode: str, cache_tokens: int = 0) -> list[RouteHop]:
+    async def make_route(self, start: int, end: int, *, mode: str, cache_tokens: int = 0,
+                         exclude: frozenset[str] = frozenset()) -> list[RouteHop]:
         """A route for blocks [start, end) that avoids banned peers where it can; probes peers seen for the first time.
 
         Runs the blocking DHT reads in a worker thread, so the event loop keeps serving other streams.
         """
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.manager.refresh)
-        new_peers = self.manager.latencies.unknown(self.manager.candidates(start, end, self.bans.banned()))
+        new_peers = self.manager.latencies.unknown(self.manager.candidates(start, end, self.bans.banned() | exclude))
         if new_peers:
             await self.probe(new_peers)
-        route = partial(self.manager.make_route, start, end, self.bans.banned(), mode=mode, cache_tokens=cache_tokens)
+        exclude = exclude | self.bans.convicted
+        route = partial(self.manager.make_route, start, end, self.bans.banned(), mode=mode, cache_tokens=cache_tokens,
+                        exclude=frozenset(exclude))
         return await loop.run_in_executor(None, route)
 
     # ---- forward / backward ----------------------------------------------------------------------
@@ -105,12 +112,14 @@ class RemoteSequential:
                                     prompt_tokens=prompts.shape[1] if prompts is not None else 0)
         return request, (prompts[hop.start:hop.end] if prompts is not None else None)
 
-    async def forward_blocks(self, hidden, position_ids, mask, start: int, end: int, prompts=None):
-        """Forward through blocks [start, end), hop by hop; a failed hop is retried from its first block."""
+    async def forward_blocks(self, hidden, position_ids, mask, start: int, end: int, prompts=None,
+                             exclude: frozenset[str] = frozenset()):
+        """Forward through blocks [start, end), hop by hop, never through peers in `exclude`; a failed hop is retried
+        from its first block."""
         hops, block, attempts = [], start, self.attempts(f"forward through blocks {start}:{end}")
         while block < end:
             try:
-                hop = (await self.make_route(block, end, mode="throughput"))[0]
+                hop = (await self.make_route(block, end, mode="throughput", exclude=exclude))[0]
             except MissingBlocksError as e:
                 await attempts.failed(e)
                 continue

@@ -8,21 +8,33 @@ import os
 import signal
 import threading
 import time
+import weakref
 from functools import partial
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 import hivemind
+from hivemind.utils.crypto import RSAPrivateKey
 
+from swarmlm.dht.identity import NodeIdentity
 from swarmlm.dht.registry import make_validators
+
+_identities: "weakref.WeakKeyDictionary[hivemind.DHT, NodeIdentity]" = weakref.WeakKeyDictionary()
 
 
 def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=None, client_mode=False,
-               use_nat_port_map=False, use_relay=True, startup_timeout=60.0, validators=None) -> hivemind.DHT:
-    """A hivemind DHT node with swarmlm's record validators."""
+               use_nat_port_map=False, use_relay=True, startup_timeout=60.0, validators=None,
+               identity: Optional[NodeIdentity] = None, protected: Mapping[str, bytes] = MappingProxyType({})) -> hivemind.DHT:
+    """A hivemind DHT node with swarmlm's record validators, whose peer id is derived from the key that signs its
+    records (`identity`; else loaded from or created at `identity_path`; else a fresh one). `protected`: DHT keys
+    this node knows hold swarmlm entries only, with their subkey tags (see swarmlm.dht.validation)."""
+    if identity is None:
+        identity = NodeIdentity.load_or_create(identity_path)
     kwargs = dict(
         initial_peers=list(initial_peers),
         host_maddrs=list(host_maddrs),
         client_mode=client_mode,
-        record_validators=list(validators if validators is not None else make_validators()),
+        record_validators=list(validators if validators is not None else make_validators(identity, protected)),
         nat_port_map=use_nat_port_map,
         use_relay=use_relay,
         startup_timeout=startup_timeout,
@@ -30,11 +42,28 @@ def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=Non
     )
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
-    if identity_path:
-        kwargs["identity_path"] = identity_path
-    dht = hivemind.DHT(**kwargs)
+    kwargs["identity_path"] = identity.path
+    kwargs["check_if_identity_free"] = not identity.generated  # a fresh key is nobody else's
+    try:
+        dht = hivemind.DHT(**kwargs)
+    finally:
+        identity.discard_file()  # a temporary one: the p2p daemon has read it
+    _identities[dht] = identity
     dht.run_coroutine(partial(_exit_with_parent, parent_pid=os.getpid()), return_future=True)
     return dht
+
+
+def node_identity(dht: hivemind.DHT) -> NodeIdentity:
+    """The identity a DHT node made by create_dht signs its records with."""
+    return _identities[dht]
+
+
+def sign_hivemind_records_as(dht: hivemind.DHT) -> None:
+    """hivemind's own components that sign DHT records (hivemind.Optimizer's progress tracker) sign with hivemind's
+    process-wide key, and the node can only sign with its identity: makes the two one key. Call before creating such
+    a component (one swarmlm DHT node per such process). Uses hivemind's private `RSAPrivateKey._process_wide_key`
+    (tests/test_dht_records.py pins it)."""
+    RSAPrivateKey._process_wide_key = node_identity(dht).private_key
 
 
 async def _exit_with_parent(dht: hivemind.DHT, node, *, parent_pid: int, period: float = 0.5) -> None:

@@ -7,11 +7,18 @@ so each peer can only write its own entry. The DHT only ever sees `to_wire()`.
 from __future__ import annotations
 
 import enum
+import hashlib
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SPAN_SUBKEY_TAG = b"swarmlm.span:"  # prefix of every subkey holding a ServerRecord
+SPAN_SUBKEY_TAG = b"swarmlm.span:"  # prefix of every subkey holding a ServerRecord (then the owner's marker)
+MODEL_SUBKEY_TAG = b"swarmlm.model:"  # prefix of a model registry subkey (then the name's digest, the owner's marker)
+TRAINER_SUBKEY_TAG = b"swarmlm.trainer:"  # prefix of a training roster subkey (then the owner's marker)
+MODELS_KEY = "swarmlm.models"  # one DHT key for the whole model registry: one entry per (model, peer)
+MAX_MODEL_NAME_LENGTH = 256
+MAX_MODEL_BLOCKS = 1024  # more decoder blocks than any model has; bounds what one registry entry makes readers fetch
+MAX_RECORD_LIFETIME = 600.0  # seconds: no swarmlm node stores a record expiring later than this from now
 MAX_DHT_TIME_DISCREPANCY_SECONDS = 3.0
 MIN_WIRE_FIELDS, MAX_WIRE_FIELDS = 10, 32  # a ServerRecord's wire tuple: the fields up to torch_dtype are required
 
@@ -72,6 +79,59 @@ def block_key(model: str, block: int) -> str:
     return f"{model}.{block}"
 
 
+def model_keys(model: str, num_blocks: int) -> dict[str, bytes]:
+    """The DHT keys that hold `model`'s span records, with their subkey tag (a node that knows them protects them)."""
+    return {block_key(model, block): SPAN_SUBKEY_TAG for block in range(min(num_blocks, MAX_MODEL_BLOCKS))}
+
+
+def roster_key(run_id: str) -> str:
+    """The DHT key of a training run's roster (entries: TRAINER_SUBKEY_TAG + the trainer's owner marker)."""
+    return f"{run_id}_trainers"
+
+
 def record_expiration(update_period: float) -> float:
-    """How long an announcement lives: two update periods (at least the DHT clock tolerance)."""
-    return max(2 * update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS)
+    """How long an announcement lives: two update periods (at least the DHT clock tolerance, at most the cap)."""
+    return min(max(2 * update_period, MAX_DHT_TIME_DISCREPANCY_SECONDS), MAX_RECORD_LIFETIME)
+
+
+class ModelRecord(BaseModel):
+    """What a peer tells the swarm about the model it serves: one owner-signed registry entry per (model, peer),
+    stored under MODELS_KEY. Readers believe the value signed by the most peers that serve the model
+    (monitoring.health)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    num_blocks: int = Field(ge=1, le=MAX_MODEL_BLOCKS)  # decoder blocks of the whole model
+    family: str = Field(min_length=1, max_length=32)  # HF config.model_type of the family, e.g. "llama"
+
+    def to_wire(self, name: str) -> tuple:
+        return (name, self.num_blocks, self.family)
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> tuple[str, "ModelRecord"]:
+        """Parses a registry value into (model name, record); raises ValueError on anything malformed."""
+        if not isinstance(wire, (list, tuple)) or len(wire) != 3:
+            raise ValueError(f"a registry entry is a 3-tuple, got {type(wire).__name__}")
+        name = wire[0]
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LENGTH:
+            raise ValueError("a model name is a string of 1 to 256 characters")
+        try:
+            return name, cls.model_validate(dict(zip(cls.model_fields, wire[1:])))
+        except ValidationError as e:
+            raise ValueError(str(e)) from None
+
+
+def model_subkey_digest(name: str) -> bytes:
+    """What a registry subkey holds between its tag and its owner marker: a digest of the model's name."""
+    return hashlib.sha256(name.encode()).hexdigest()[:32].encode()
+
+
+def model_subkey(name: str, owner_marker: bytes) -> bytes:
+    return MODEL_SUBKEY_TAG + model_subkey_digest(name) + owner_marker
+
+
+def parse_model_subkey(subkey: bytes) -> Optional[bytes]:
+    """The name digest of a registry subkey (None if it is not shaped like one)."""
+    if not subkey.startswith(MODEL_SUBKEY_TAG):
+        return None
+    return subkey[len(MODEL_SUBKEY_TAG):len(MODEL_SUBKEY_TAG) + 32]

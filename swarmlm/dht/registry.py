@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterable, Optional, Sequence
+from types import MappingProxyType
+from typing import Iterable, Mapping, Optional, Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from swarmlm.dht.records import SPAN_SUBKEY_TAG, ServerRecord, ServerState, block_key
-from swarmlm.dht.validation import SpanRecordValidator
+from swarmlm.dht.identity import NodeIdentity, owner_peer_id
+from swarmlm.dht.records import (
+    MODELS_KEY,
+    SPAN_SUBKEY_TAG,
+    ModelRecord,
+    ServerRecord,
+    ServerState,
+    block_key,
+    model_subkey,
+    model_subkey_digest,
+    parse_model_subkey,
+)
+from swarmlm.dht.validation import SwarmRecordValidator
 
 
-def make_validators() -> tuple[RSASignatureValidator, SpanRecordValidator]:
-    """The record validators every swarmlm DHT node installs (bootstrap, peers, clients)."""
-    return RSASignatureValidator(), SpanRecordValidator()
+def make_validators(identity: NodeIdentity, protected: Mapping[str, bytes] = MappingProxyType({})
+                    ) -> tuple[RSASignatureValidator, SwarmRecordValidator]:
+    """The record validators every swarmlm DHT node installs (bootstrap, peers, clients): signatures by the node's
+    own identity key, then swarmlm's rules (see swarmlm.dht.validation)."""
+    return identity.signer, SwarmRecordValidator(protected)
 
 
 def span_subkey(signature_validator: RSASignatureValidator) -> bytes:
@@ -73,6 +86,8 @@ async def _fetch(dht: hivemind.DHT, node, *, model: str, num_blocks: int, latest
                     record = ServerRecord.from_wire(item.value)
                 except ValueError:
                     continue
+                if record.peer_id != owner_peer_id(subkey):
+                    continue  # a record speaks only for the peer that signed it (storing nodes check this too)
                 previous = records.get(record.peer_id)
                 if previous is None or previous[0] < item.expiration_time:
                     records[record.peer_id] = (item.expiration_time, record)  # a restarted peer: keep the newest
@@ -86,65 +101,42 @@ def online(records: Sequence[ServerRecord]) -> list[ServerRecord]:
 
 # ---- model registry: which models the swarm serves, and how many blocks each has ----------------
 
-MODELS_KEY = "swarmlm.models"  # one DHT key for all models; subkey = the model's DHT name
-MAX_MODEL_NAME_LENGTH = 256
 
-
-class ModelRecord(BaseModel):
-    """What a peer tells the swarm about the model it serves (stored under MODELS_KEY, subkey = model name).
-
-    Every peer of the model writes the same value; the latest write wins. Unsigned: readers must
-    treat it as a hint and parse it with `from_wire` (never trust its shape).
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    num_blocks: int = Field(ge=1, le=100_000)  # decoder blocks of the whole model
-    family: str = Field(min_length=1, max_length=32)  # HF config.model_type of the family, e.g. "llama"
-
-    def to_wire(self) -> tuple:
-        return (self.num_blocks, self.family)
-
-    @classmethod
-    def from_wire(cls, wire: Any) -> "ModelRecord":
-        """Parses a wire tuple; raises ValueError on anything malformed."""
-        if not isinstance(wire, (list, tuple)) or len(wire) != 2:
-            raise ValueError(f"a ModelRecord is a 2-tuple, got {type(wire).__name__}")
-        try:
-            return cls.model_validate(dict(zip(cls.model_fields, wire)))
-        except ValidationError as e:
-            raise ValueError(str(e)) from None
-
-
-def declare_model(dht: hivemind.DHT, model: str, record: ModelRecord, expiration_time: float, wait: bool = True):
-    """Registers `model` in the swarm's model registry until `expiration_time`."""
-    store = partial(_store_model, model=model, value=record.to_wire(), expiration_time=expiration_time)
+def declare_model(dht: hivemind.DHT, model: str, record: ModelRecord, expiration_time: float,
+                  signer: RSASignatureValidator, wait: bool = True):
+    """Registers `model` in the swarm's model registry until `expiration_time`, in this node's own signed entry."""
+    store = partial(_store_model, subkey=model_subkey(model, signer.local_public_key), value=record.to_wire(model),
+                    expiration_time=expiration_time)
     return dht.run_coroutine(store, return_future=not wait)
 
 
-async def _store_model(dht: hivemind.DHT, node, *, model: str, value: tuple, expiration_time: float) -> bool:
-    return await node.store(MODELS_KEY, value, expiration_time, subkey=model)
+async def _store_model(dht: hivemind.DHT, node, *, subkey: bytes, value: tuple, expiration_time: float) -> bool:
+    return await node.store(MODELS_KEY, value, expiration_time, subkey=subkey)
 
 
-def fetch_models(dht: hivemind.DHT) -> dict[str, ModelRecord]:
-    """The unexpired, well-formed entries of the model registry: {model name: ModelRecord}."""
-    return dht.run_coroutine(_fetch_models)
+def fetch_model_claims(dht: hivemind.DHT) -> dict[str, dict[ModelRecord, set[str]]]:
+    """Every claim in the model registry: {model name: {record: peer ids that signed it}}. Anyone may sign a
+    claim; a reader that must choose prefers those signed by peers that serve the model (monitoring.health)."""
+    return dht.run_coroutine(_fetch_model_claims)
 
 
-async def _fetch_models(dht: hivemind.DHT, node) -> dict[str, ModelRecord]:
+async def _fetch_model_claims(dht: hivemind.DHT, node) -> dict[str, dict[ModelRecord, set[str]]]:
     found = await node.get(MODELS_KEY, latest=True)
-    models: dict[str, ModelRecord] = {}
     if found is None or not isinstance(found.value, dict):
-        return models
+        return {}
     now = get_dht_time()
-    for name, item in found.value.items():
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LENGTH or item.expiration_time < now:
+    claims: dict[str, dict[ModelRecord, set[str]]] = {}
+    for subkey, item in found.value.items():
+        owner = owner_peer_id(subkey) if isinstance(subkey, bytes) else None
+        if owner is None or item.expiration_time < now:
             continue
         try:
-            models[name] = ModelRecord.from_wire(item.value)
+            name, record = ModelRecord.from_wire(item.value)
         except ValueError:
             continue
-    return models
+        if parse_model_subkey(subkey) == model_subkey_digest(name):
+            claims.setdefault(name, {}).setdefault(record, set()).add(owner)
+    return claims
 
 
 def count_dht_peers(dht: hivemind.DHT, timeout: Optional[float] = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -10,6 +12,7 @@ from swarmlm.experts.cache import SpanCache
 
 from swarmlm.experts.families import MASK_FUNCTIONS, ModelFamily
 from swarmlm.experts.hf_compat import cache_kwarg
+from swarmlm.models.checkpoint import load_tensors
 
 
 class BlockSpan(nn.Module):
@@ -32,6 +35,20 @@ class BlockSpan(nn.Module):
         # how this transformers release spells the cache argument of the layers and of each mask function
         self._layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
         self._mask_cache_kwarg = {kind: cache_kwarg(MASK_FUNCTIONS[kind]) for kind in set(self.layer_types)}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, family: ModelFamily, config: PretrainedConfig, start: int, end: int,
+                        dtype: torch.dtype = torch.float32) -> "BlockSpan":
+        """Blocks [start, end) with their weights read from `checkpoint` (only theirs are read), in eval mode;
+        raises ValueError if the checkpoint lacks some of them."""
+        span = cls(family, config, start, end)
+        tensors = load_tensors(Path(checkpoint), lambda name: family.block_tensor_name(name, start, end), dtype)
+        missing, unexpected = span.load_state_dict(tensors, strict=False)
+        missing = [m for m in missing if not m.startswith("rotary_emb.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {checkpoint} does not hold blocks {start}:{end}: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        return span.to(dtype=dtype).eval().requires_grad_(False)
 
     @property
     def num_blocks(self) -> int:

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import hivemind
 
 from swarmlm.dht.records import ServerRecord, ServerState
-from swarmlm.dht.registry import ModelRecord, fetch_block_records, fetch_models
+from swarmlm.dht.registry import ModelRecord, fetch_block_records, fetch_model_claims
 from swarmlm.errors import MissingBlocksError
 
 
@@ -107,14 +107,25 @@ class SwarmReport:
 
 def collect_report(dht: hivemind.DHT, models: Optional[Sequence[str]] = None) -> SwarmReport:
     """Reads the DHT: the given models (default: every registered one) and their span records."""
-    registered = fetch_models(dht)
-    names = list(dict.fromkeys(models)) if models else sorted(registered)
+    claims = fetch_model_claims(dht)
+    names = list(dict.fromkeys(models)) if models else sorted(claims)
     report = []
     for name in names:
-        registry = registered.get(name)
-        blocks = fetch_block_records(dht, name, registry.num_blocks) if registry is not None else []
+        registry, blocks = _registered(dht, name, claims.get(name, {}))
         report.append(ModelHealth(name, registry, tuple(tuple(block) for block in blocks)))
     return SwarmReport(tuple(report))
+
+
+def _registered(dht: hivemind.DHT, name: str, claims: dict[ModelRecord, set[str]]):
+    """The registry claim to believe for `name` and its blocks' records: the claim signed by the most peers that
+    announce spans of the model (anyone can sign a claim; serving peers are the ones that know), then by the most
+    signers. -> (None, []) when no one registered the model."""
+    if not claims:
+        return None, []
+    blocks = fetch_block_records(dht, name, max(record.num_blocks for record in claims))
+    serving = {r.peer_id for block in blocks for r in block}
+    best = max(claims, key=lambda r: (len(claims[r] & serving), len(claims[r]), r.num_blocks, r.family))
+    return best, blocks[:best.num_blocks]
 
 
 def render_text(report: SwarmReport) -> str:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
+from swarmlm.dht.records import MAX_RECORD_LIFETIME
 from swarmlm.settings import setting
 from swarmlm.transport.direct import direct_hosts, loopback_only
 from swarmlm.transport.limits import ChannelLimits
@@ -105,7 +106,7 @@ class PeerConfig:
     max_connections: int = field(default=4096, metadata=setting(
         "open sessions and push streams from everyone (more are refused as busy)"))
     update_period: float = field(default=30.0, metadata=setting(
-        "seconds between DHT announcements (records expire after 2x)"))
+        "seconds between DHT announcements (records expire after 2x); at most 300"))
     balance_period: float = field(default=120.0, metadata=setting(
         "with num_blocks: seconds (+-50% jitter) between checks whether moving would help the swarm"))
     balance_margin: float = field(default=0.2, metadata=setting(
@@ -142,6 +143,10 @@ class PeerConfig:
             raise ValueError(f"direct_port must lie in [0, 65535], got {self.direct_port}")
         if self.direct:
             direct_hosts(self.host_maddrs, self.announce_maddrs)  # raises ValueError with what to give
+        if not 0 < self.update_period <= MAX_RECORD_LIFETIME / 2:
+            raise ValueError(f"update_period must lie in (0, {MAX_RECORD_LIFETIME / 2:.0f}] s (records expire after 2x, "
+                             f"and no DHT node keeps a record longer than {MAX_RECORD_LIFETIME:.0f} s), "
+                             f"got {self.update_period}")
         if self.throughput is not None and not 0 <= self.throughput < math.inf:  # also false for NaN
             raise ValueError(f"throughput must be a finite number >= 0, got {self.throughput}")
         if self.training is not None:

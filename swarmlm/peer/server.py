@@ -28,8 +28,9 @@ from swarmlm.dht.registry import (
     declare_model,
     declare_span,
     fetch_block_records,
-    make_validators,
 )
+from swarmlm.dht.identity import NodeIdentity
+from swarmlm.dht.records import model_keys
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
 from swarmlm.models.checkpoint import load_tensors, resolve_model
@@ -71,7 +72,7 @@ class Peer:
         self.span: Optional[BlockSpan] = None
         self.model_name: Optional[str] = None
         self.throughput = 0.0
-        self._validators = make_validators()
+        self.identity: Optional[NodeIdentity] = None  # set by start_dht: the key behind the peer id, signs records
         self._loop: Optional[LoopThread] = None
         self._stop = threading.Event()
         self._wake = threading.Event()  # set to announce now (free cache changed, shutdown)
@@ -92,10 +93,13 @@ class Peer:
         """Joins (or starts) the swarm; returns this node's full multiaddrs."""
         c = self.config
         raise_open_files_limit()  # before the DHT process and the p2p daemon start: they inherit it
+        resolved = resolve_model(c.model)
+        name, total = c.dht_prefix or resolved.name, AutoConfig.from_pretrained(resolved.path).num_hidden_layers
+        self.identity = NodeIdentity.load_or_create(c.identity_path)
         self.dht = create_dht(
-            [] if c.new_swarm else c.initial_peers, c.host_maddrs, c.announce_maddrs, c.identity_path,
+            [] if c.new_swarm else c.initial_peers, c.host_maddrs, c.announce_maddrs,
             use_nat_port_map=c.use_nat_port_map, use_relay=c.use_relay, startup_timeout=c.startup_timeout,
-            validators=self._validators,
+            identity=self.identity, protected=model_keys(name, total),
         )
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
@@ -232,9 +236,9 @@ class Peer:
         if blocks == []:
             return
         expiration = get_dht_time() + record_expiration(self.config.update_period)
-        declare_span(self.dht, self.model_name, record, expiration, self._validators[0], blocks=blocks)
+        declare_span(self.dht, self.model_name, record, expiration, self.identity.signer, blocks=blocks)
         if blocks is None:  # the peer's own announcement, not a note about some of its blocks during a move
-            declare_model(self.dht, self.model_name, self.model_record, expiration)
+            declare_model(self.dht, self.model_name, self.model_record, expiration, self.identity.signer)
             self.metrics.observe_announcement(self.model_name, self.model_record.family, record,
                                               count_dht_peers(self.dht))
 

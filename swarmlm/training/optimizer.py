@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import hivemind
 import torch
 
+from swarmlm.dht.node import sign_hivemind_records_as
 from swarmlm.training.config import TrainConfig
 from swarmlm.training.state_averager import GuardedStateAverager, all_finite
 
@@ -148,6 +149,7 @@ def _tensor_bytes(averager) -> int:
 
 def make_optimizer(config: TrainConfig, dht: hivemind.DHT, model: torch.nn.Module) -> ObservedOptimizer:
     """The collaborative optimizer for `model` (AdamW) in the mode `config` asks for."""
+    sign_hivemind_records_as(dht)
     return ObservedOptimizer(
         dht=dht,
         run_id=config.run_id,

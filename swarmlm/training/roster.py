@@ -1,6 +1,7 @@
-"""Who trains in a run: every trainer announces itself under "{run_id}_trainers" in the DHT (subkey: its
-peer id; value: its data shard and, once it has finished, its final epoch and parameter hash), refreshed
-every `period` seconds and expiring after 2 x period, so a killed trainer drops out on its own.
+"""Who trains in a run: every trainer announces itself under "{run_id}_trainers" in the DHT (subkey: its owner-signed
+trainer tag, so the entry speaks only for the peer id derived from its key; value: its data shard and, once it has
+finished, its final epoch and parameter hash), refreshed every `period` seconds and expiring after 2 x period, so a
+killed trainer drops out on its own.
 
 Used to wait until a run has enough trainers before the first step (`--min-peers`), to warn when two live
 trainers were given the same shard (they would train on the same samples), and to end a run in agreement
@@ -18,6 +19,10 @@ from typing import Optional
 
 import hivemind
 from hivemind.utils import get_dht_time
+
+from swarmlm.dht.identity import owner_peer_id
+from swarmlm.dht.node import node_identity
+from swarmlm.dht.records import TRAINER_SUBKEY_TAG, roster_key
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +55,9 @@ class TrainerEntry:
 
 class Roster:
     def __init__(self, dht: hivemind.DHT, run_id: str, shard_index: int, num_shards: int, period: float = 5.0):
-        self.dht, self.key, self.period = dht, f"{run_id}_trainers", period
+        self.dht, self.key, self.period = dht, roster_key(run_id), period
         self.me = TrainerEntry(str(dht.peer_id), shard_index, num_shards)
+        self._subkey = TRAINER_SUBKEY_TAG + node_identity(dht).owner_marker
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -71,15 +77,16 @@ class Roster:
 
     def _announce(self, leaving: bool = False) -> None:
         value = None if leaving else self.me.to_wire()
-        self.dht.store(self.key, value, get_dht_time() + 2 * self.period, subkey=self.me.peer_id)
+        self.dht.store(self.key, value, get_dht_time() + 2 * self.period, subkey=self._subkey)
 
     def members(self) -> list[TrainerEntry]:
         """Live trainers of the run (this one included once announced); malformed entries are skipped."""
         found = self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
-        entries = (TrainerEntry.from_wire(peer_id, getattr(item, "value", None))
-                   for peer_id, item in found.value.items())
+        entries = (TrainerEntry.from_wire(owner_peer_id(subkey), getattr(item, "value", None))
+                   for subkey, item in found.value.items()
+                   if isinstance(subkey, bytes) and subkey.startswith(TRAINER_SUBKEY_TAG))
         return [entry for entry in entries if entry is not None]
 
     def wait_for(self, count: int, stop: threading.Event, poll: float = 0.5, log_every: float = 30.0) -> int:

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence, Union
 import hivemind
 import torch
 
+from swarmlm.dht.node import sign_hivemind_records_as
 from swarmlm.errors import RequestError
 from swarmlm.experts.span import BlockSpan
 from swarmlm.peer.config import SpanTrainingConfig  # re-exported: the settings of a training peer
@@ -109,6 +110,7 @@ class SpanTrainer:
         if verbose:  # hivemind's own reports of each round (its logger is kept at WARNING otherwise)
             for name in ("hivemind.optim", "hivemind.averaging"):
                 logging.getLogger(name).setLevel(logging.DEBUG)
+        sign_hivemind_records_as(dht)
         self.optimizer = SpanOptimizer(
             dht=dht, run_id=self.run_id, target_batch_size=config.target_batch_size, params=self.parameters,
             optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
