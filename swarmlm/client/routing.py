@@ -80,8 +80,9 @@ class SequenceManager:
         return route
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
-        """Whether ONLINE peers outside `exclude` cover blocks [start, end), in the records last read."""
-        return self._cheapest(start, end, exclude, "latency", 0) is not None
+        """Whether ONLINE peers outside `exclude` cover blocks [start, end), in the records last read (no DHT read:
+        the event loop may call it)."""
+        return self._cheapest(start, end, exclude, "latency", 0, self._records) is not None
 
     def candidates(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> set[str]:
         """ONLINE peers serving any of blocks [start, end)."""
@@ -96,8 +97,8 @@ class SequenceManager:
         return {r.peer_id for start, end in spans for block in range(start, end) for r in records[block]
                 if r.state != ServerState.OFFLINE}
 
-    def _cheapest(self, start: int, end: int, exclude: frozenset[str], mode: str, cache_tokens: int):
-        records = self.block_records()
+    def _cheapest(self, start: int, end: int, exclude: frozenset[str], mode: str, cache_tokens: int, records=None):
+        records = self.block_records() if records is None else records
         serving = [{r.peer_id: r for r in records[block] if r.state == ServerState.ONLINE and r.peer_id not in exclude}
                    for block in range(self.num_blocks)]
         noise = {}

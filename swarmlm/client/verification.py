@@ -93,11 +93,10 @@ class Segment:
 @dataclass
 class Verdict:
     """An audit's outcome for one segment: `wrong` is None when the claimed outputs hold; else the index of the
-    first wrong token, its error and the liar (a peer id) that the third computation blamed."""
+    first wrong token and its error (the session knows which peer produced that token)."""
 
     wrong: Optional[int] = None
     error: float = 0.0
-    liar: Optional[str] = None
 
 
 class Auditor:
@@ -149,7 +148,7 @@ class Auditor:
         recomputed_ok = first_mismatch(output[:, lo:], judged[:, lo:], self.tolerance)
         if claimed_ok is not None and recomputed_ok is None:
             index, error = claimed_ok
-            return Verdict(lo + index, error, liar=None)  # the session names the producer of that token
+            return Verdict(lo + index, error)
         if claimed_ok is None and recomputed_ok is not None:
             for peer in by - {LOCAL}:
                 self.remote.bans.convict(peer)
