@@ -59,6 +59,17 @@ def client_model(initial_peers: list[str], **client_kwargs):
         model.close()
 
 
+def direct_caller(model, peer_id: str) -> tuple[str, str]:
+    """(the client `model`'s peer id, the ticket `peer_id` gives it for direct connections): what a dialer shows in
+    its hello (swarmlm.transport.direct); asked for over p2p, in the peer's info answer."""
+    from swarmlm.client.rpc import call_info
+
+    remote = model.remote
+    info = remote.loop.run(call_info(remote.dialer, peer_id, 30))
+    assert info.direct_ticket is not None, f"{peer_id} serves no direct connections"
+    return remote.dialer.peer_id, info.direct_ticket
+
+
 @pytest.fixture(scope="module")
 def dist_model(swarm):
     with client_model(swarm[0].maddrs) as model:

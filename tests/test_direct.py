@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import torch
 from bad_frames import BAD_FRAMES, answer_to_frame
-from conftest import client_model
+from conftest import client_model, direct_caller
 from metrics_scrape import metrics_url, scrape, value
 from swarmlm.local_swarm import local_swarm, start_peer
 
@@ -85,6 +85,57 @@ def test_a_route_over_both_transports_generates_the_local_tokens(mixed_swarm, mo
         assert pushed["p2p"] == 0 and pushed["direct"] >= 20 - 3, pushed  # 0:3 -> 3:5
 
 
+def test_knowing_a_session_id_is_not_enough_to_push_steps_into_it(mixed_swarm, model):
+    """A session at 3:5 takes pushed steps from the peer its client named (0:3's peer) only. Another caller that
+    knows the session id (here the client itself, over a direct push connection with its valid ticket, then over
+    p2p) pushes a step of garbage: the peer drops it (and says so in its log), and the session's next step answers
+    exactly what a session that no one pushed into answers for the same inputs."""
+    from hivemind.proto import runtime_pb2
+    from swarmlm.client.rpc import _inputs
+    from swarmlm.experts.protocol import PUSH, InferenceStep, pack, serialize_all
+
+    _, (first, second), _ = mixed_swarm
+    remote = model.remote
+    direct_caller(model, second.peer_id)  # the client learns its ticket
+    span = SpanRequest(model=DEFAULT_MODEL, start=3, end=5, max_length=4, batch_size=1)
+    hidden, positions = torch.randn(1, 2, HIDDEN), torch.arange(2).view(1, 2)
+
+    async def two_steps(push_from, intruder: bool) -> torch.Tensor:
+        stream = InferenceStream(second.peer_id, span, _direct_line(second), push_from=push_from)
+        await stream.open(remote.dialer)
+        try:
+            await stream.step(0, hidden[:, :1], positions[:, :1], None, 30)
+            if intruder:
+                for seen, opened in enumerate((remote.dialer.open_direct(second.peer_id, PUSH, _direct_line(second)),
+                                               remote.dialer.open_p2p(second.peer_id, PUSH)), start=1):
+                    channel = await opened
+                    assert channel is not None
+                    channel.send(runtime_pb2.ExpertRequest(
+                        tensors=serialize_all(_inputs(torch.full((1, 1, HIDDEN), 1e3), positions[:, 1:], None)),
+                        metadata=pack(InferenceStep(position=1, step_id=2, session_id=stream.span.session_id))))
+                    await asyncio.get_running_loop().run_in_executor(None, _wait_for_log, second,
+                                                                     f"Dropped a step pushed by {remote.dialer.peer_id}", seen)
+                    channel.close()
+            return await stream.step(1, hidden[:, 1:], positions[:, 1:], None, 30)
+        finally:
+            stream.close()
+
+    attacked = remote.loop.run(two_steps(first.peer_id, intruder=True))
+    untouched = remote.loop.run(two_steps(None, intruder=False))
+    assert torch.equal(attacked, untouched)
+
+
+def _wait_for_log(node, text: str, count: int, timeout: float = 30.0) -> None:
+    """Waits until `text` is in `node`'s log (stderr) `count` times."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while node.stderr.count(text) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{text!r} not logged {count} times; log:\n{node.stderr[-3000:]}")
+        time.sleep(0.05)
+
+
 def _session_step(model, peer: str, address: str | None, blocks=(0, 3)) -> tuple[bool, torch.Tensor]:
     """Opens a session on `blocks` of `peer` (direct at `address` if given) and runs one token: (direct, output)."""
     remote = model.remote
@@ -123,18 +174,27 @@ def test_a_direct_address_that_fails_is_replaced_by_p2p(mixed_swarm, model):
 
 @pytest.mark.parametrize("hello", [
     b"GET / HTTP/1.1\r\n\r\n",
-    HELLO + b" inference 12D3KooWNotThisPeer\n",
-    HELLO + b" nosuchmethod {peer}\n",
-    HELLO + b" inference {peer} extra\n",
+    HELLO + b" inference 12D3KooWNotThisPeer {caller} {ticket}\n",
+    HELLO + b" nosuchmethod {peer} {caller} {ticket}\n",
+    HELLO + b" inference {peer} {caller} {ticket} extra\n",
+    HELLO + b" inference {peer}\n",  # no caller, no ticket: the hello of version 1
+    b"swarmlm-direct/1 inference {peer}\n",
+    HELLO + b" inference {peer} {caller} " + b"0" * 32 + b"\n",  # a made-up ticket
+    HELLO + b" inference {peer} {other} {ticket}\n",  # the client's ticket, shown for another peer id
+    HELLO + b" push {peer} {caller}\n",
     HELLO + b" " + b"x" * 300 + b"\n",
     b"\xff\xfe garbage without an end of line",
 ])
 def test_a_bad_hello_is_refused_and_the_peer_keeps_serving(mixed_swarm, model, hello):
-    """The listener closes a connection whose hello is not one for this peer and a known method; it answers
-    nothing on it (no greeting), and the next direct session works."""
-    _, (direct, _), _ = mixed_swarm
+    """The listener closes a connection whose hello is not one for this peer, a known method and a caller with the
+    ticket this peer issued to that caller (over p2p); it answers nothing on it (no greeting), and the next direct
+    session works. Knowing the port and the peer id is not enough."""
+    _, (direct, second), _ = mixed_swarm
     host, port = _direct_line(direct).split(":")
-    hello = hello.replace(b"{peer}", direct.peer_id.encode())
+    caller, ticket = direct_caller(model, direct.peer_id)
+    for name, word in ((b"{peer}", direct.peer_id), (b"{caller}", caller), (b"{ticket}", ticket),
+                       (b"{other}", second.peer_id)):
+        hello = hello.replace(name, word.encode())
 
     async def say_hello() -> bytes:
         reader, writer = await asyncio.open_connection(host, int(port))
@@ -153,9 +213,10 @@ def test_a_bad_hello_is_refused_and_the_peer_keeps_serving(mixed_swarm, model, h
 @pytest.mark.parametrize("frame, message", BAD_FRAMES)
 def test_a_direct_session_with_bad_framing_gets_a_clear_error(mixed_swarm, model, frame, message):
     _, (direct, _), _ = mixed_swarm
+    caller = direct_caller(model, direct.peer_id)
 
     async def call():
-        reader, writer = await connect(_direct_line(direct), direct.peer_id, "inference")
+        reader, writer = await connect(_direct_line(direct), direct.peer_id, "inference", *caller)
         return await answer_to_frame(direct.peer_id, reader, writer, frame)
 
     with pytest.raises(RemotePeerError) as info:
@@ -166,9 +227,10 @@ def test_a_direct_session_with_bad_framing_gets_a_clear_error(mixed_swarm, model
 
 def test_garbage_on_a_direct_push_connection_closes_it_and_the_peer_keeps_serving(mixed_swarm, model):
     _, (direct, _), _ = mixed_swarm
+    caller = direct_caller(model, direct.peer_id)
 
     async def push_garbage() -> bytes:
-        reader, writer = await connect(_direct_line(direct), direct.peer_id, "push")
+        reader, writer = await connect(_direct_line(direct), direct.peer_id, "push", *caller)
         try:
             writer.write(b"\x07" + b"\x00" * 16)  # an unknown frame marker
             return await asyncio.wait_for(reader.read(), 30)

@@ -103,9 +103,11 @@ class InferenceStream:
     else a p2p stream. Each message is written as it is sent (one frame, one write, no writer task) and
     answers are read as they come."""
 
-    def __init__(self, peer_id: str, span: SpanRequest, direct_address: Optional[str] = None):
+    def __init__(self, peer_id: str, span: SpanRequest, direct_address: Optional[str] = None,
+                 push_from: Optional[str] = None):
         self.peer_id, self.direct_address = peer_id, direct_address
-        self.span = span.model_copy(update=dict(session_id=secrets.token_hex(16)))  # lets other peers push steps here
+        # the session takes steps pushed by the peer `push_from` (the route's previous hop), under its random id
+        self.span = span.model_copy(update=dict(session_id=secrets.token_hex(16), push_from=push_from))
         self.push_target = PushTarget(peer_id=peer_id, session_id=self.span.session_id)
         self._channel: Optional[Channel] = None
         self._opened = False

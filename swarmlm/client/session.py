@@ -295,12 +295,14 @@ class InferenceSession:
 
     def _push_chain(self, i: int, start: int) -> list[PushTarget]:
         """The hops from i on that can take this step (tokens from `start`) straight from the previous hop's
-        peer: they hold exactly `start` tokens, have accepted their session and lost no push; none for the
-        first step."""
+        peer: they hold exactly `start` tokens, have accepted their session, lost no push and take pushes from that
+        peer (it was their previous hop when they opened); none for the first step."""
         chain = []
-        for hop in self._hops[i:] if start > 0 and self.remote.config.peer_push else ():
-            if hop.length != start or not hop.stream.opened or not hop.takes_pushes:
-                break
+        for k in range(i, len(self._hops)) if start > 0 and i > 0 and self.remote.config.peer_push else ():
+            hop = self._hops[k]
+            if hop.length != start or not hop.stream.opened or not hop.takes_pushes \
+                    or hop.stream.span.push_from != self._hops[k - 1].route.peer_id:
+                break  # (a hop opened after a failover before it takes pushes from no peer, or from the failed one)
             chain.append(hop.stream.push_target)
         return chain
 
@@ -325,16 +327,19 @@ class InferenceSession:
         except RemotePeerError:
             pass  # the stream is closed: receive() fails with that, and the hop is replaced
 
-    async def _open(self, start: int, end: int) -> list[_Hop]:
-        """Opens streams on the cheapest route for blocks [start, end) (their answers come with the first step).
+    async def _open(self, start: int, end: int, previous: Optional[str] = None) -> list[_Hop]:
+        """Opens streams on the cheapest route for blocks [start, end) (their answers come with the first step),
+        each taking steps pushed by the hop before it (the first: by the peer `previous`, if any).
         If any of them fails to open, all are closed (so no peer keeps a KV reservation for a session that
         will never step) and the first error is raised."""
         route, self._first_route = self._first_route, None
         if route is None or (route[0].start, route[-1].end) != (start, end):
             cache_tokens = self._batch * self.max_length
             route = await self._loop.on_shared(self.remote.make_route(start, end, mode="latency", cache_tokens=cache_tokens))
+        pushers = [previous, *(r.peer_id for r in route[:-1])]
         hops = [_Hop(r, InferenceStream(r.peer_id, self.remote.span_request(
-            r, max_length=self.max_length, batch_size=self._batch), r.direct_address)) for r in route]
+            r, max_length=self.max_length, batch_size=self._batch), r.direct_address, push_from))
+            for r, push_from in zip(route, pushers)]
         logger.info(f"Route for blocks {start}:{end}: " + " -> ".join(f"{r.peer_id[-6:]}[{r.start}:{r.end}]" for r in route))
         try:
             direct = self.remote.config.direct_connections
@@ -361,7 +366,8 @@ class InferenceSession:
         failed.stream.close()
         while True:
             try:
-                self._hops[i:i + 1] = await self._open(failed.route.start, failed.route.end)
+                previous = self._hops[i - 1].route.peer_id if i > 0 else None
+                self._hops[i:i + 1] = await self._open(failed.route.start, failed.route.end, previous)
                 break
             except (MissingBlocksError, RemotePeerError) as e:
                 await attempts.failed(e, getattr(e, "peer", None))

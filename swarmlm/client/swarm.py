@@ -70,6 +70,7 @@ class RemoteSequential:
                 logger.info(f"Leaving {peer_id} out of routes for {self.bans.ban(peer_id):.0f} s: {e}")
                 return
             self.manager.latencies.update(peer_id, time.perf_counter() - started)
+            self.dialer.learn(peer_id, info.direct_ticket)
             if info.direct_address is not None:
                 self.manager.direct_addresses[peer_id] = info.direct_address
             else:

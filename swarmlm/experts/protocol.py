@@ -43,8 +43,10 @@ class SpanRequest(_Wire):
     max_length: Optional[int] = Field(default=None, ge=1)  # inference only: tokens to reserve per sequence
     batch_size: Optional[int] = Field(default=None, ge=1)  # inference only: sequences in the session
     prompt_tokens: int = Field(default=0, ge=0)  # forward/backward: deep prompts for the first N positions follow
-    session_id: Optional[str] = Field(default=None, min_length=16, max_length=64)  # inference: lets the previous
-    # peer of the route push steps into this session (see PushTarget); a secret shared only with that peer
+    session_id: Optional[str] = Field(default=None, min_length=16, max_length=64)  # inference: names this session
+    # for steps pushed into it (see PushTarget); shared only with the peer that pushes
+    push_from: Optional[str] = Field(default=None, max_length=128)  # inference: the one peer (its id) whose pushed
+    # steps this session takes (the previous peer of the client's route); none without it
     timeout: Optional[float] = Field(default=None, gt=0, allow_inf_nan=False)  # forward/backward: seconds the caller
     # waits for the answer; the peer gives up sooner (CALLER_TIMEOUT_SHARE), and a training peer counts a backward
     # call's parameter gradients only if it answers (a caller that gave up retries on another peer)
@@ -87,6 +89,8 @@ class PeerInfo(_Wire):
     direct_address: Optional[str] = Field(default=None, max_length=21, pattern=ADDRESS_PATTERN)  # "IPV4:PORT" where
     # the peer serves direct connections (swarmlm.transport.direct), if it does; learned only from this answer, which
     # comes over the p2p channel that authenticates the peer (a DHT record or a client could name any address)
+    direct_ticket: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{32}$")  # what the caller shows on those
+    # direct connections (issued for the caller's peer id; swarmlm.transport.direct)
 
 
 class StateTensor(_Wire):

@@ -237,5 +237,6 @@ class SpanHandler:
         info = PeerInfo(start=self.span.start, end=self.span.end, free_cache_tokens=max(self.budget.free_tokens, 0),
                         accepting_sessions=self.accepting_sessions, active_calls=self.active_calls,
                         training_epoch=self.trainer.epoch if self.trainer is not None else None,
-                        direct_address=self.direct_address)
+                        direct_address=self.direct_address,
+                        direct_ticket=self.server.direct_ticket(caller_of(context)) if self.server else None)
         return runtime_pb2.ExpertResponse(metadata=pack(info))

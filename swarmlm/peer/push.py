@@ -3,7 +3,8 @@
 Outgoing (`Pushes.push`): one long-lived channel per target peer, opened in the background on first use,
 re-opened at most every PUSH_RETRY_SECONDS after it failed, closed after PUSH_IDLE_SECONDS unused; at most
 MAX_PUSH_STREAMS. Incoming (`Pushes.serve`): another peer's channel of pushed steps, each handed to
-`deliver(step, message)` (the session it names; validated there like a client's step); at most
+`deliver(step, message, pusher)` (the session it names, if it takes pushes from that peer; validated there like a
+client's step); at most
 MAX_PUSH_STREAMS such channels are open to us.
 """
 
@@ -28,7 +29,8 @@ MAX_PUSH_STREAMS = 256  # open push streams to other peers at most (one per peer
 PUSH_RETRY_SECONDS = 30.0  # a push stream that failed is re-opened no sooner than this after it was opened
 PUSH_IDLE_SECONDS = 300.0  # a push stream unused this long is closed (checked while pushing, every 30 s)
 
-Deliver = Callable[[InferenceStep, runtime_pb2.ExpertRequest], None]  # raises RequestError if not delivered
+Deliver = Callable[[InferenceStep, runtime_pb2.ExpertRequest, str], None]  # (step, message, pusher's peer id);
+# raises RequestError if not delivered
 
 
 class PushStream:
@@ -60,7 +62,9 @@ class PushStream:
             try:
                 async with asyncio.timeout(self.INFO_TIMEOUT):
                     response = await dialer.call(peer, INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
-                address = unpack(response.metadata, PeerInfo).direct_address
+                info = unpack(response.metadata, PeerInfo)
+                address = info.direct_address
+                dialer.learn(peer, info.direct_ticket)
                 if address is not None:
                     channel = await dialer.open_direct(peer, PUSH, address)
                     if channel is not None:
@@ -163,7 +167,7 @@ class Pushes:
         try:
             while (message := await _within(channel, self.max_message_bytes, PUSH_IDLE_SECONDS * 2)) is not None:
                 try:
-                    deliver(unpack(message.metadata, InferenceStep), message)
+                    deliver(unpack(message.metadata, InferenceStep), message, channel.peer)
                 except RequestError as e:
                     logger.info(f"Dropped a step pushed by {channel.peer}: {e}")
         except RequestError as e:

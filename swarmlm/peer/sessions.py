@@ -3,7 +3,8 @@
 A session is opened by the first message of an `inference` channel (SpanRequest: blocks, max_length, batch,
 optional session_id), reserves batch x max_length cache tokens, then serves one step per message until the
 client ends the channel, times out (session_timeout) or sends a bad step. Steps that the route's previous
-peer pushes (swarmlm.peer.push) into a session opened with a session_id join the same queue (`Inbox`).
+peer pushes (swarmlm.peer.push) into a session opened with a session_id join the same queue (`Inbox`), from the
+one peer the client named (push_from) only.
 Every answer is a frame on the client's channel; every failure is answered in-band, then the session ends.
 """
 
@@ -108,13 +109,14 @@ class Sessions:
     def __init__(self, handler: "SpanHandler"):
         self.handler = handler
         self.active = 0  # open sessions
-        self._inboxes: dict[str, Inbox] = {}  # session_id -> inbox of an open session that accepts pushes
+        self._inboxes: dict[str, tuple[Inbox, str]] = {}  # session_id -> (inbox, the peer whose pushes it takes)
 
-    def deliver(self, step: InferenceStep, message: runtime_pb2.ExpertRequest) -> None:
-        """A step pushed by another peer -> its session's inbox; RequestError if no open session takes it."""
-        inbox = self._inboxes.get(step.session_id) if step.session_id is not None else None
-        if inbox is None:
-            raise RequestError(f"no open session {step.session_id!r} accepts pushed steps here")
+    def deliver(self, step: InferenceStep, message: runtime_pb2.ExpertRequest, pusher: str) -> None:
+        """A step pushed by the peer `pusher` (proven by the transport) -> its session's inbox; RequestError unless
+        an open session of that id takes pushes from that peer (knowing a session id is not enough)."""
+        inbox, allowed = self._inboxes.get(step.session_id, (None, None)) if step.session_id is not None else (None, None)
+        if inbox is None or pusher != allowed:
+            raise RequestError("no open session here takes steps pushed by this peer under that session id")
         inbox.push(message, step)
 
     async def serve(self, channel: Channel) -> None:
@@ -152,9 +154,9 @@ class Sessions:
                 raise RequestError("a session with this session_id is already open here")
             reservation = h.budget.reserve(batch * max_length)
             self.active += 1
-            if open_request.session_id is not None:
+            if open_request.session_id is not None and open_request.push_from is not None:
                 session_id = open_request.session_id
-                self._inboxes[session_id] = inbox
+                self._inboxes[session_id] = (inbox, open_request.push_from)
             yield runtime_pb2.ExpertResponse(metadata=pack(StepResult(position=0)))
             session = Session(span=span, cache=span.new_cache(first, last), first=first, last=last, batch=batch,
                               max_length=max_length)

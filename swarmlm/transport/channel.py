@@ -26,8 +26,8 @@ DIRECT, P2P_KIND = "direct", "p2p"
 
 
 class Channel:
-    """One stream. `peer`: who is on the other end (a base58 peer id; on a peer's side of a direct
-    connection "tcp:HOST:PORT", an unproven address). `kind`: "direct" or "p2p"."""
+    """One stream. `peer`: who is on the other end, a base58 peer id (proven by libp2p on p2p, by the caller's
+    ticket on a direct connection, see swarmlm.transport.direct). `kind`: "direct" or "p2p"."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str, kind: str):
         self.reader, self.writer, self.peer, self.kind = reader, writer, peer, kind
@@ -35,6 +35,15 @@ class Channel:
     @property
     def direct(self) -> bool:
         return self.kind == DIRECT
+
+    @property
+    def source(self) -> str:
+        """Whom the channel counts against (swarmlm.transport.limits): the peer id on p2p; the IP address of a
+        direct connection ("ip:HOST"), since one machine can make peer ids, and tickets for them, at will."""
+        if not self.direct:
+            return self.peer
+        peername = self.writer.get_extra_info("peername")
+        return f"ip:{peername[0]}" if peername else "ip:?"
 
     @property
     def closing(self) -> bool:
@@ -76,10 +85,23 @@ class Channel:
 
 class Dialer:
     """Opens channels and makes protobuf calls from one node (a client, or a peer pushing steps) over its p2p
-    instance, and over direct TCP to peers that announced a direct address (when `direct`)."""
+    instance, and over direct TCP to peers that gave it a direct address and ticket in their info answer (when
+    `direct`; see `learn`)."""
+
+    MAX_TICKETS = 4096  # peers whose tickets are kept at most (the oldest are forgotten first)
 
     def __init__(self, p2p: P2P, direct: bool = True):
         self.p2p, self.direct = p2p, direct
+        self.peer_id = p2p_adapter.own_id(p2p)
+        self._tickets: dict[str, str] = {}  # peer id -> the ticket it gave us for its direct connections
+
+    def learn(self, peer: str, ticket: Optional[str]) -> None:
+        """Keeps (or, for None, forgets) the direct-connection ticket `peer` gave us in its info answer."""
+        self._tickets.pop(peer, None)
+        if ticket is not None:
+            if len(self._tickets) >= self.MAX_TICKETS:
+                self._tickets.pop(next(iter(self._tickets)))
+            self._tickets[peer] = ticket
 
     async def open(self, peer: str, method: str, direct_address: Optional[str] = None) -> Channel:
         """A channel to `peer` for `method`: direct where it has an address and direct connections are on
@@ -91,9 +113,14 @@ class Dialer:
         return await self.open_p2p(peer, method)
 
     async def open_direct(self, peer: str, method: str, address: str) -> Optional[Channel]:
-        """A direct channel, or None (logged) if the connection fails or the other side is not `peer`."""
+        """A direct channel, or None (logged) if we have no ticket of `peer`, the connection fails or the other side
+        is not `peer`."""
+        ticket = self._tickets.get(peer)
+        if ticket is None:
+            logger.info(f"No direct connection to {peer} at {address}: it gave us no ticket; using p2p")
+            return None
         try:
-            reader, writer = await connect(address, peer, method)
+            reader, writer = await connect(address, peer, method, self.peer_id, ticket)
         except Exception as e:
             logger.info(f"No direct connection to {peer} at {address} ({type(e).__name__}: {e}); using p2p")
             return None

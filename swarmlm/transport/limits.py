@@ -1,7 +1,7 @@
 """Limits on the channels a node keeps open for others: per source and in total.
 
-A source is who opened a channel: a peer id for p2p (proven by libp2p), the IP address for a direct connection
-(its port changes per connection; its claimed identity is not proven). Every open channel (an inference
+A source is who opened a channel (Channel.source): a peer id for p2p (proven by libp2p), the IP address for a
+direct connection (its caller's peer id is proven by a ticket, but one machine can make peer ids at will). Every open channel (an inference
 session, another peer's push stream) holds a file descriptor and buffers, so one source must not take them all:
 `ChannelCounts.acquire` refuses a channel beyond `per_source` from its source or beyond `total` overall, with
 the reason, and counts each refusal. `raise_open_files_limit` lifts the process's soft limit of open files to
@@ -29,13 +29,6 @@ class ChannelLimits:
     def __post_init__(self):
         if not 1 <= self.per_source <= self.total:
             raise ValueError(f"channel limits need 1 <= per_source <= total, got {self.per_source}, {self.total}")
-
-
-def source_of(peer: str) -> str:
-    """The source of a channel: "tcp:HOST:PORT" (a direct connection) -> "ip:HOST"; a peer id stays itself."""
-    if peer.startswith("tcp:"):
-        return "ip:" + peer[4:].rpartition(":")[0]
-    return peer
 
 
 class ChannelCounts:

@@ -24,7 +24,7 @@ from swarmlm.errors import RefusedError
 from swarmlm.transport import p2p as p2p_adapter
 from swarmlm.transport.channel import DIRECT, P2P_KIND, Channel
 from swarmlm.transport.direct import DirectListener
-from swarmlm.transport.limits import ChannelCounts, ChannelLimits, source_of
+from swarmlm.transport.limits import ChannelCounts, ChannelLimits
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ class Server:
     def direct_address(self) -> Optional[str]:
         """"IPV4:PORT" where direct connections are served (None: not served)."""
         return self.direct.address if self.direct is not None else None
+
+    def direct_ticket(self, caller: str) -> Optional[str]:
+        """The ticket `caller` (a peer id proven by p2p) shows on direct connections; None where none are served.
+        Hand it out only over p2p (swarmlm.transport.direct)."""
+        return self.direct.tickets.issue(caller) if self.direct is not None else None
 
     async def serve(self, channels: dict[str, ChannelHandler],
                     unary: dict[str, tuple[Callable, type[Message]]]) -> None:
@@ -85,7 +90,7 @@ class Server:
         """The handler behind `admit` and the channel limits: a refused channel gets `refuse`'s answer (if any)
         and is closed; an admitted one counts against its source until its handler returns."""
         async def gated(channel: Channel) -> None:
-            source = source_of(channel.peer)
+            source = channel.source
             reason = self._refusal(channel.peer, channel.kind, method)
             if reason is not None:
                 self.channels.refused["admission"] += 1
