@@ -44,7 +44,7 @@ def _print_maddrs(maddrs) -> None:
         print(maddr, flush=True)
 
 
-NETWORK = ("initial_peers", "host_maddrs", "announce_maddrs", "identity_path", "use_nat_port_map")
+NETWORK = ("initial_peers", "host_maddrs", "announce_maddrs", "identity_path", "swarm_key", "use_nat_port_map")
 METRICS = ("metrics_port", "metrics_host")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PRECEDENCE = ("A setting with an env var (shown in its help) is taken from the first of: its flag, its env var, the "
@@ -71,7 +71,7 @@ def command_flags() -> dict[str, list[Flags]]:
 
     network = Flags(PeerConfig, only=NETWORK, title="network")
     metrics = Flags(PeerConfig, only=METRICS, title="metrics")
-    client = Flags(PeerConfig, only=("initial_peers", "dht_prefix"))
+    client = Flags(PeerConfig, only=("initial_peers", "dht_prefix", "swarm_key"))
     logging_info = Flags(CommandSettings, only=("log_level",), title="logging")
     logging_warning = Flags(CommandSettings, only=("log_level",), title="logging", defaults={"log_level": "warning"})
     return {
@@ -84,16 +84,19 @@ def command_flags() -> dict[str, list[Flags]]:
                   network, metrics, logging_info],
         "generate": [client, logging_warning],
         "export": [client, logging_warning],
-        "health": [Flags(PeerConfig, only=("initial_peers",)), logging_warning],
+        "health": [Flags(PeerConfig, only=("initial_peers", "swarm_key")), logging_warning],
         "demo": [logging_warning],
+        "swarm-key": [logging_warning],
     }
 
 
 def _start_dht(s: Settings, initial_peers: list[str], protected=None):
     from swarmlm.dht.node import create_dht
+    from swarmlm.utils.swarm_key import load_swarm_key
 
     return create_dht(initial_peers, s["host_maddrs"], s["announce_maddrs"], s["identity_path"],
-                      use_nat_port_map=s["use_nat_port_map"], protected=protected or {})
+                      use_nat_port_map=s["use_nat_port_map"], protected=protected or {},
+                      swarm_key=load_swarm_key(s["swarm_key"]))
 
 
 def _initial_peers(s: Settings) -> list[str]:
@@ -113,6 +116,15 @@ def cmd_dht(args, s: Settings) -> int:
         _wait_for_signal()
     finally:
         shutdown_dht(dht)
+    return 0
+
+
+def cmd_swarm_key(args, s: Settings) -> int:
+    from swarmlm.utils.swarm_key import SwarmKey
+
+    key = SwarmKey.generate(args.path)
+    print(f"Wrote a new swarm key to {args.path} (fingerprint {key.fingerprint}); every member of the private swarm "
+          f"needs a copy: --swarm-key {args.path}", flush=True)
     return 0
 
 
@@ -157,7 +169,7 @@ def cmd_generate(args, s: Settings) -> int:
     resolved = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=_initial_peers(s),
-                                                            dht_prefix=s["dht_prefix"])
+                                                            dht_prefix=s["dht_prefix"], swarm_key=s["swarm_key"])
     try:
         inputs = tokenizer(args.prompt, return_tensors="pt")
         streamer = TextStreamer(tokenizer)
@@ -243,7 +255,8 @@ def cmd_export(args, s: Settings) -> int:
     """Writes the swarm's current blocks (+ the checkpoint's client tensors) as a checkpoint directory."""
     from swarmlm.training.export import export_model
 
-    result = export_model(args.model, _initial_peers(s), args.out, dht_prefix=s["dht_prefix"], overwrite=args.overwrite)
+    result = export_model(args.model, _initial_peers(s), args.out, dht_prefix=s["dht_prefix"], overwrite=args.overwrite,
+                          swarm_key=s["swarm_key"])
     for source in result.sources:
         epoch = f"epoch {source.training_epoch}" if source.training_epoch is not None else "not training"
         print(f"blocks {source.start}:{source.end} from peer {source.peer_id} ({epoch})", flush=True)
@@ -256,9 +269,11 @@ def cmd_health(args, s: Settings) -> int:
     import json
 
     from swarmlm.dht.node import create_dht, shutdown_dht
+    from swarmlm.utils.swarm_key import load_swarm_key
     from swarmlm.monitoring.health import collect_report, render_text
 
-    dht = create_dht(_initial_peers(s), ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    dht = create_dht(_initial_peers(s), ["/ip4/127.0.0.1/tcp/0"], client_mode=True,
+                     swarm_key=load_swarm_key(s["swarm_key"]))
     try:
         if args.serve:
             from swarmlm.monitoring.page import serve_health_page
@@ -307,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("dht", cmd_dht, "start a bootstrap DHT node and print its multiaddrs", config=True)
+    p = command("swarm-key", cmd_swarm_key, "write a new swarm key file for a private swarm (give it to every "
+                                            "member: --swarm-key FILE)")
+    p.add_argument("path", metavar="FILE", help="where to write the key (refused if the file exists)")
     command("peer", cmd_peer, "host a span of a model's blocks for the swarm", config=True)
 
     p = command("generate", cmd_generate, "generate text through a running swarm")

@@ -102,6 +102,14 @@ class IdentityError(SwarmError, ValueError):
     """An identity file that cannot be used: swarmlm identities are libp2p RSA private keys (see dht.identity)."""
 
 
+class JoinError(SwarmError):
+    """A node could not join the swarm: no initial peer answered (down, unreachable, or another private swarm)."""
+
+
+class SwarmKeyError(SwarmError, ValueError):
+    """A swarm key file that cannot be used (see dht.swarm_key)."""
+
+
 class WrongOutputError(SwarmError):
     """A peer answered well-shaped wrong numbers and verification caught it (client.verification). The peer is
     banned for this client and the session has rolled back to `position` tokens; generate() reruns from there."""

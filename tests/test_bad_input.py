@@ -217,7 +217,7 @@ def test_bad_pushed_steps_are_dropped_and_the_session_goes_on(client):
     span = SpanRequest(model=DEFAULT_MODEL, start=0, end=3, max_length=8, batch_size=1)
 
     async def run():
-        stream = InferenceStream(peer, span)
+        stream = InferenceStream(peer, span, push_from=remote.dialer.peer_id)  # this client pushes, as a peer would
         await stream.open(remote.dialer)
         prompt = await stream.step(0, torch.randn(1, 4, HIDDEN), torch.arange(4)[None], None, 30)
         token = torch.randn(1, 1, HIDDEN)

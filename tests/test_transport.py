@@ -13,6 +13,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from swarmlm.errors import RequestError
+from swarmlm.utils.swarm_key import SwarmKey
 from swarmlm.transport import Dialer, RefusedError, Server, framing
 from swarmlm.transport import p2p as p2p_adapter
 
@@ -129,10 +130,13 @@ def test_channels_and_calls_over_p2p_and_direct_and_the_admission_hook(two_nodes
                                   "hidden": (info, runtime_pb2.ExpertRequest)})
         address = await server.serve_direct("127.0.0.1", 0, "127.0.0.1")
         dialer, peer = Dialer(b), p2p_adapter.own_id(a)
+        assert await dialer.open_direct(peer, "echo", address) is None  # no ticket yet: the dialer does not try
+        dialer.learn(peer, server.direct_ticket(dialer.peer_id))  # as an info answer over p2p hands it out
         results = {}
         for channel in (await dialer.open_p2p(peer, "echo"), await dialer.open(peer, "echo", address)):
             channel.send(runtime_pb2.ExpertRequest(metadata=b"abc"))
             results[channel.kind] = (await channel.receive(runtime_pb2.ExpertResponse, 2**20)).metadata
+            assert channel.peer == peer
             channel.end()
         assert results == {"p2p": b"cba", "direct": b"cba"}
         answer = await dialer.call(peer, "info", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
@@ -146,8 +150,50 @@ def test_channels_and_calls_over_p2p_and_direct_and_the_admission_hook(two_nodes
         with pytest.raises(Exception, match="not you"):
             await dialer.call(peer, "hidden", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
         assert called == [] and server.channels.refused["admission"] == 3
+        dialer.learn("QmSomeoneElse", "0" * 32)
         wrong = await dialer.open_direct("QmSomeoneElse", "echo", address)  # the listener is not that peer
         assert wrong is None
+        await server.stop()
+
+    loop.run_until_complete(asyncio.wait_for(run(), 60))
+
+
+def test_a_private_server_serves_members_only(two_nodes):
+    """With a swarm key, every channel (p2p or direct) and call starts with the caller's membership proof: a member's
+    Dialer is served as usual, one without the key or with another is refused before any handler runs."""
+    loop, a, b = two_nodes
+    key = SwarmKey(b"k" * 32)
+    served = []
+
+    async def echo(channel):
+        served.append(channel.kind)
+        while (message := await channel.receive(runtime_pb2.ExpertRequest, 2**20)) is not None:
+            channel.send(runtime_pb2.ExpertResponse(metadata=message.metadata[::-1]))
+        channel.close()
+
+    async def info(request, context):
+        return runtime_pb2.ExpertResponse(metadata=b"hello")
+
+    async def run():
+        server = Server(a, swarm_key=key)
+        await server.serve(channels={"echo": echo}, unary={"info": (info, runtime_pb2.ExpertRequest)})
+        address = await server.serve_direct("127.0.0.1", 0, "127.0.0.1")
+        peer = p2p_adapter.own_id(a)
+        for dialer_key, member in ((key, True), (None, False), (SwarmKey(b"o" * 32), False)):
+            dialer = Dialer(b, swarm_key=dialer_key)
+            dialer.learn(peer, server.direct_ticket(dialer.peer_id))
+            for channel in (await dialer.open_p2p(peer, "echo"), await dialer.open(peer, "echo", address)):
+                channel.send(runtime_pb2.ExpertRequest(metadata=b"abc"))
+                answer = await channel.receive(runtime_pb2.ExpertResponse, 2**20)
+                assert (answer.metadata if answer is not None else None) == (b"cba" if member else None)
+                channel.end()
+            if member:
+                answer = await dialer.call(peer, "info", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
+                assert answer.metadata == b"hello"
+            else:
+                with pytest.raises(Exception, match="not a member"):
+                    await dialer.call(peer, "info", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
+        assert sorted(served) == ["direct", "p2p"] and server.channels.refused["admission"] == 6
         await server.stop()
 
     loop.run_until_complete(asyncio.wait_for(run(), 60))

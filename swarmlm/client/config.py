@@ -23,6 +23,7 @@ class ClientConfig:
     # sent by the client itself, and pushes into that hop stop (a lost push costs this long, not request_timeout)
     direct_connections: bool = True  # inference sessions use a peer's direct TCP address when it serves them (its
     # rpc_info says where; plain TCP, see swarmlm.transport.direct); p2p otherwise, and whenever that connection fails
+    swarm_key: Optional[str] = None  # swarm key file of a private swarm (swarmlm.utils.swarm_key); None: a public one
     use_nat_port_map: bool = False  # the client never needs a port mapping: it only dials out
     startup_timeout: float = 60.0  # seconds to wait for the client's p2p daemon to start
     # verification of peers' answers (swarmlm.client.verification): "available" audits every inference session's

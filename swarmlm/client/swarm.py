@@ -21,6 +21,7 @@ from swarmlm.client.routing import RouteHop, SequenceManager
 from swarmlm.client.rpc import call_backward, call_forward, call_info
 from swarmlm.client.verification import Auditor
 from swarmlm.dht.node import create_dht, shutdown_dht
+from swarmlm.utils.swarm_key import load_swarm_key
 from swarmlm.dht.records import model_keys
 from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
 from swarmlm.experts.protocol import SpanRequest
@@ -35,12 +36,14 @@ class RemoteSequential:
 
     def __init__(self, model: str, num_blocks: int, config: ClientConfig, hint: str = ""):
         self.model, self.num_blocks, self.config = model, num_blocks, config
+        swarm_key = load_swarm_key(config.swarm_key)
         self.dht = create_dht(config.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True,
-                              protected=model_keys(model, num_blocks),
+                              protected=model_keys(model, num_blocks), swarm_key=swarm_key,
                               use_nat_port_map=config.use_nat_port_map, startup_timeout=config.startup_timeout)
         self.loop = LoopThread("swarmlm-client-rpc")
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=config.startup_timeout)
-        self.dialer = Dialer(self.p2p, direct=config.direct_connections)  # every call and stream to peers goes here
+        # every call and stream to peers goes here
+        self.dialer = Dialer(self.p2p, direct=config.direct_connections, swarm_key=swarm_key)
         self.manager = SequenceManager(self.dht, model, num_blocks, config.route_refresh_period, hint)
         self.bans = PeerBans(config.ban_duration, config.max_ban_duration)
         self.auditor = Auditor(self)  # verifies inference sessions' outputs; model.py gives it the local checkpoint

@@ -18,16 +18,21 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarmlm.dht.identity import NodeIdentity
 from swarmlm.dht.registry import make_validators
+from swarmlm.dht.authorizer import SwarmKeyAuthorizer
+from swarmlm.utils.swarm_key import SwarmKey
+from swarmlm.errors import JoinError
 
 _identities: "weakref.WeakKeyDictionary[hivemind.DHT, NodeIdentity]" = weakref.WeakKeyDictionary()
 
 
 def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=None, client_mode=False,
                use_nat_port_map=False, use_relay=True, startup_timeout=60.0, validators=None,
-               identity: Optional[NodeIdentity] = None, protected: Mapping[str, bytes] = MappingProxyType({})) -> hivemind.DHT:
+               identity: Optional[NodeIdentity] = None, protected: Mapping[str, bytes] = MappingProxyType({}),
+               swarm_key: Optional[SwarmKey] = None) -> hivemind.DHT:
     """A hivemind DHT node with swarmlm's record validators, whose peer id is derived from the key that signs its
     records (`identity`; else loaded from or created at `identity_path`; else a fresh one). `protected`: DHT keys
-    this node knows hold swarmlm entries only, with their subkey tags (see swarmlm.dht.validation)."""
+    this node knows hold swarmlm entries only, with their subkey tags (see swarmlm.dht.validation). `swarm_key`:
+    the node talks only to members of that private swarm (swarmlm.utils.swarm_key)."""
     if identity is None:
         identity = NodeIdentity.load_or_create(identity_path)
     kwargs = dict(
@@ -42,10 +47,18 @@ def create_dht(initial_peers, host_maddrs, announce_maddrs=(), identity_path=Non
     )
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
+    if swarm_key is not None:
+        kwargs["authorizer"] = SwarmKeyAuthorizer(swarm_key)
     kwargs["identity_path"] = identity.path
     kwargs["check_if_identity_free"] = not identity.generated  # a fresh key is nobody else's
     try:
         dht = hivemind.DHT(**kwargs)
+    except RuntimeError as e:
+        if "bootstrap failed" not in str(e):
+            raise
+        key = "hold another swarm key" if swarm_key is not None else "form a private swarm (this node has no --swarm-key)"
+        raise JoinError(f"none of the initial peers answered ({', '.join(map(str, initial_peers))[:300]}): they are "
+                        f"down or unreachable, or they {key}") from None
     finally:
         identity.discard_file()  # a temporary one: the p2p daemon has read it
     _identities[dht] = identity

@@ -72,6 +72,9 @@ class PeerConfig:
         "public multiaddrs to announce (behind NAT)", metavar="MADDR"))
     identity_path: Optional[str] = field(default=None, metadata=setting(
         "libp2p private key file: a stable peer id across restarts", metavar="FILE"))
+    swarm_key: Optional[str] = field(default=None, metadata=setting(
+        "swarm key file of a private swarm: only nodes holding the same key can join, read or write its records and "
+        "call its peers (`swarmlm swarm-key FILE` makes one)", metavar="FILE"))
     use_nat_port_map: bool = field(default=False, metadata=setting(
         "ask the gateway for a port mapping (NAT-PMP/UPnP); never on loopback"))
     use_relay: bool = field(default=True, metadata=setting("allow libp2p circuit relays (peers behind NAT)"))

@@ -98,7 +98,7 @@ class SpanHandler:
         """Serves every method on `server` (p2p; call server.serve_direct after this for direct connections);
         pushes go out through a Dialer on the same p2p, direct where this peer serves direct connections."""
         self.server = server
-        self.pushes.dialer = Dialer(server.p2p, direct=False)
+        self.pushes.dialer = Dialer(server.p2p, direct=False, swarm_key=server.swarm_key)
         self.metrics.watch_channels(lambda: server.channels.total, server.channels.refused)
         await server.serve(
             channels={INFERENCE: self.sessions.serve, PUSH: self._serve_pushes, FORWARD: self._call(self.rpc_forward),
@@ -109,7 +109,7 @@ class SpanHandler:
         """Also serves sessions and pushes on direct TCP at host:port, and pushes over direct connections to
         peers that serve them; returns the address to announce."""
         address = await self.server.serve_direct(host, port, announce_host)
-        self.pushes.dialer = Dialer(self.server.p2p, direct=True)
+        self.pushes.dialer = Dialer(self.server.p2p, direct=True, swarm_key=self.server.swarm_key)
         return address
 
     async def remove_handlers(self) -> None:

@@ -30,6 +30,7 @@ from swarmlm.dht.registry import (
     fetch_block_records,
 )
 from swarmlm.dht.identity import NodeIdentity
+from swarmlm.utils.swarm_key import SwarmKey, load_swarm_key
 from swarmlm.dht.records import model_keys
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
@@ -73,6 +74,7 @@ class Peer:
         self.model_name: Optional[str] = None
         self.throughput = 0.0
         self.identity: Optional[NodeIdentity] = None  # set by start_dht: the key behind the peer id, signs records
+        self.swarm_key: Optional[SwarmKey] = None  # set by start_dht in a private swarm
         self._loop: Optional[LoopThread] = None
         self._stop = threading.Event()
         self._wake = threading.Event()  # set to announce now (free cache changed, shutdown)
@@ -96,10 +98,11 @@ class Peer:
         resolved = resolve_model(c.model)
         name, total = c.dht_prefix or resolved.name, AutoConfig.from_pretrained(resolved.path).num_hidden_layers
         self.identity = NodeIdentity.load_or_create(c.identity_path)
+        self.swarm_key = load_swarm_key(c.swarm_key)
         self.dht = create_dht(
             [] if c.new_swarm else c.initial_peers, c.host_maddrs, c.announce_maddrs,
             use_nat_port_map=c.use_nat_port_map, use_relay=c.use_relay, startup_timeout=c.startup_timeout,
-            identity=self.identity, protected=model_keys(name, total),
+            identity=self.identity, protected=model_keys(name, total), swarm_key=self.swarm_key,
         )
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
@@ -200,7 +203,7 @@ class Peer:
         c = self.config
         self._p2p = await self.dht.replicate_p2p()
         limits = ChannelLimits(c.max_connections_per_source, c.max_connections)
-        await self.handler.serve(Server(self._p2p, limits=limits, refuse=refuse_busy))
+        await self.handler.serve(Server(self._p2p, limits=limits, refuse=refuse_busy, swarm_key=self.swarm_key))
         if c.serves_direct:
             bind, announce = direct_hosts(c.host_maddrs, c.announce_maddrs)
             self.direct_address = await self.handler.serve_direct(bind, c.direct_port, announce)

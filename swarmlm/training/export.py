@@ -318,7 +318,8 @@ def _assemble(checkpoint: Path, config: PretrainedConfig, family: ModelFamily, b
 
 
 def export_model(model: str, initial_peers: Sequence[str], out: str | os.PathLike, *,
-                 dht_prefix: Optional[str] = None, timeout: float = 120.0, overwrite: bool = False) -> ExportResult:
+                 dht_prefix: Optional[str] = None, timeout: float = 120.0, overwrite: bool = False,
+                 swarm_key: Optional[str] = None) -> ExportResult:
     """Fetches every block from the swarm and writes the checkpoint directory `out` (see the module docstring);
     CheckpointError, before any block is fetched, if `out` holds files a save would not write (unless `overwrite`)."""
     check_replaceable(out, overwrite)
@@ -327,7 +328,7 @@ def export_model(model: str, initial_peers: Sequence[str], out: str | os.PathLik
     family = family_for_config(config)
     name, num_blocks = dht_prefix or resolved.name, config.num_hidden_layers
     shapes = block_tensor_shapes(resolved.path, family, num_blocks)
-    remote = RemoteSequential(name, num_blocks, ClientConfig(initial_peers=list(initial_peers)), hint=model)
+    remote = RemoteSequential(name, num_blocks, ClientConfig(initial_peers=list(initial_peers), swarm_key=swarm_key), hint=model)
     try:
         blocks, sources = remote.loop.run(fetch_blocks(remote, shapes, timeout, hint=model))
     finally:

@@ -15,8 +15,11 @@ from typing import AsyncIterator, Optional, TypeVar
 from google.protobuf.message import Message
 from hivemind.p2p import P2P
 
+from hivemind.proto import runtime_pb2
+
+from swarmlm.utils.swarm_key import SwarmKey
 from swarmlm.errors import ChannelClosedError
-from swarmlm.transport import framing, p2p as p2p_adapter
+from swarmlm.transport import framing, membership, p2p as p2p_adapter
 from swarmlm.transport.direct import connect
 
 M = TypeVar("M", bound=Message)
@@ -86,12 +89,13 @@ class Channel:
 class Dialer:
     """Opens channels and makes protobuf calls from one node (a client, or a peer pushing steps) over its p2p
     instance, and over direct TCP to peers that gave it a direct address and ticket in their info answer (when
-    `direct`; see `learn`)."""
+    `direct`; see `learn`). In a private swarm (`swarm_key`) every channel and call starts with this node's
+    membership proof (swarmlm.transport.membership)."""
 
     MAX_TICKETS = 4096  # peers whose tickets are kept at most (the oldest are forgotten first)
 
-    def __init__(self, p2p: P2P, direct: bool = True):
-        self.p2p, self.direct = p2p, direct
+    def __init__(self, p2p: P2P, direct: bool = True, swarm_key: Optional[SwarmKey] = None):
+        self.p2p, self.direct, self.swarm_key = p2p, direct, swarm_key
         self.peer_id = p2p_adapter.own_id(p2p)
         self._tickets: dict[str, str] = {}  # peer id -> the ticket it gave us for its direct connections
 
@@ -124,14 +128,29 @@ class Dialer:
         except Exception as e:
             logger.info(f"No direct connection to {peer} at {address} ({type(e).__name__}: {e}); using p2p")
             return None
-        return Channel(reader, writer, peer, DIRECT)
+        return self._opened(Channel(reader, writer, peer, DIRECT))
 
     async def open_p2p(self, peer: str, method: str) -> Channel:
         reader, writer = await p2p_adapter.open_raw(self.p2p, peer, method)
-        return Channel(reader, writer, peer, P2P_KIND)
+        return self._opened(Channel(reader, writer, peer, P2P_KIND))
+
+    def _opened(self, channel: Channel) -> Channel:
+        if self.swarm_key is not None:
+            channel.send(self._proof(channel.peer))
+        return channel
+
+    def _proof(self, peer: str) -> runtime_pb2.ExpertRequest:
+        return membership.proof_request(self.swarm_key, self.peer_id, peer)
 
     async def call(self, peer: str, method: str, request: Message, response_type: type[M]) -> M:
-        """A unary protobuf call (request -> one answer) over p2p."""
+        """A unary protobuf call (request -> one answer) over p2p. In a private swarm the request carries the proof
+        as its metadata: unary requests are ExpertRequests without metadata of their own (info's)."""
+        if self.swarm_key is not None:
+            if not isinstance(request, runtime_pb2.ExpertRequest) or request.metadata:
+                raise ValueError("a unary call in a private swarm takes an ExpertRequest without metadata")
+            proof = self._proof(peer)
+            proof.MergeFrom(request)
+            request = proof
         return await p2p_adapter.call_unary(self.p2p, peer, method, request, response_type)
 
     @contextlib.asynccontextmanager
@@ -143,6 +162,8 @@ class Dialer:
         answered = asyncio.Event()
 
         async def requests():
+            if self.swarm_key is not None:
+                yield self._proof(peer)
             yield request
             await answered.wait()
 

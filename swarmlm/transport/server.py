@@ -6,9 +6,10 @@ Two kinds of methods:
 - unary protobuf methods (a peer's info): hivemind's unary handlers, p2p only, `handler(request, context)`.
 
 `admit(peer, kind, method)` runs before any handler: it returns None to let the caller in, or the reason it
-is refused (the stream is closed, a protobuf call fails with that reason). It is where authentication plugs
-in; the default admits everyone. Channels then count against their source's and the total limit
-(swarmlm.transport.limits); a refused channel gets `refuse(channel, reason)`'s answer before it is closed.
+is refused (the stream is closed, a protobuf call fails with that reason); the default admits everyone. Channels
+then count against their source's and the total limit (swarmlm.transport.limits). In a private swarm
+(`swarm_key`), a caller must then show its membership proof (swarmlm.transport.membership) before any handler
+runs. A refused channel gets `refuse(channel, reason)`'s answer before it is closed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Awaitable, Callable, Optional
 from google.protobuf.message import Message
 from hivemind.p2p import P2P
 
+from swarmlm.utils.swarm_key import SwarmKey
 from swarmlm.errors import RefusedError
-from swarmlm.transport import p2p as p2p_adapter
+from swarmlm.transport import membership, p2p as p2p_adapter
 from swarmlm.transport.channel import DIRECT, P2P_KIND, Channel
 from swarmlm.transport.direct import DirectListener
 from swarmlm.transport.limits import ChannelCounts, ChannelLimits
@@ -35,8 +37,8 @@ Refuse = Callable[[Channel, str], None]  # (channel, reason): answers a refused 
 
 class Server:
     def __init__(self, p2p: P2P, admit: Optional[Admit] = None, limits: ChannelLimits = ChannelLimits(),
-                 refuse: Optional[Refuse] = None):
-        self.p2p = p2p
+                 refuse: Optional[Refuse] = None, swarm_key: Optional[SwarmKey] = None):
+        self.p2p, self.swarm_key = p2p, swarm_key
         self.peer_id = p2p_adapter.own_id(p2p)
         self.admit: Admit = admit if admit is not None else (lambda peer, kind, method: None)
         self.channels = ChannelCounts(limits)  # open channels per source (see swarmlm.transport.limits)
@@ -98,6 +100,12 @@ class Server:
                 reason = self.channels.acquire(source)
                 if reason is not None:
                     logger.info(f"Refused {method} from {channel.peer} ({channel.kind}): {reason}")
+                elif self.swarm_key is not None:
+                    reason = await membership.channel_refusal(self.swarm_key, channel.reader, channel.peer, self.peer_id)
+                    if reason is not None:
+                        self.channels.release(source)
+                        self.channels.refused["admission"] += 1
+                        logger.info(f"Refused {method} from {channel.peer} ({channel.kind}): {reason}")
             if reason is not None:
                 if self.refuse is not None:
                     self.refuse(channel, reason)
@@ -120,9 +128,15 @@ class Server:
         return handle
 
     def _admitted(self, method: str, handler: Callable) -> Callable:
-        """A unary handler behind `admit`: a refused call fails with the reason (RefusedError)."""
+        """A unary handler behind `admit` (and, in a private swarm, behind the proof its request carries): a refused
+        call fails with the reason (RefusedError)."""
         async def unary(request, context):
-            reason = self._refusal(p2p_adapter.caller_of(context), P2P_KIND, method)
+            caller = p2p_adapter.caller_of(context)
+            reason = self._refusal(caller, P2P_KIND, method)
+            if reason is None and self.swarm_key is not None:
+                reason = membership.refusal(self.swarm_key, request, caller, self.peer_id)
+                if reason is not None:
+                    logger.info(f"Refused {method} from {caller} ({P2P_KIND}): {reason}")
             if reason is not None:
                 self.channels.refused["admission"] += 1
                 raise RefusedError(reason)
