@@ -4,13 +4,15 @@
 
 MODE: identity (returns its input), noise (random numbers of the output's scale), offset (5% too large),
 late:K (honest for its first K answers, then offset), fraction:F (offset in a fraction F of answers, seeded),
-nan (NaN everywhere). Both inference steps and stateless forward calls lie the same way.
+nan (NaN everywhere), slow:S (honest numbers, but each answer takes S seconds more: a lie about speed, told with
+--throughput). Both inference steps and stateless forward calls lie the same way.
 """
 
 from __future__ import annotations
 
 import random
 import sys
+import time
 
 import torch
 
@@ -27,6 +29,9 @@ def make_lie(mode: str):
             return inputs.float().clone()
         if kind == "noise":
             return torch.randn_like(output) * output.std()
+        if kind == "slow":
+            time.sleep(float(arg))
+            return output
         if kind == "nan":
             return torch.full_like(output, float("nan"))
         if kind == "late" and answers[0] <= int(arg):

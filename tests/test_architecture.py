@@ -25,7 +25,7 @@ ALLOWED = {
     "models": BASE, "experts": BASE | {"models"},
     "dht": BASE | {"experts", "models"}, "transport": BASE,
     "monitoring": BASE | {"dht", "experts", "models"},
-    "client": BASE | {"dht", "experts", "models", "transport"},
+    "client": BASE | {"dht", "experts", "models", "transport", "monitoring"},
     "peer": BASE | {"dht", "experts", "models", "transport", "monitoring"},
     "training": BASE | {"dht", "experts", "models", "transport", "monitoring", "client", "peer"},
 }

@@ -16,7 +16,8 @@ import swarmlm.client.routing as routing
 import swarmlm.client.session as session_module
 import swarmlm.client.swarm as swarm_module
 from swarmlm.client.config import ClientConfig
-from swarmlm.client.peer_stats import PeerBans
+from swarmlm.client.metrics import ClientMetrics
+from swarmlm.client.peer_stats import PeerBans, PeerLatencies, PeerSpeeds
 from swarmlm.client.routing import RouteHop, SequenceManager
 from swarmlm.client.session import InferenceSession, _Hop
 from swarmlm.client.swarm import Attempts, RemoteSequential
@@ -215,7 +216,7 @@ class FakeStream:
     failing: set[str] = set()
     closed: list[str] = []
 
-    def __init__(self, peer_id, span, direct_address=None):
+    def __init__(self, peer_id, span, direct_address=None, push_from=None):
         self.peer_id, self.opened, self.push_target, self.direct = peer_id, False, None, False
         self._sent: dict[int, torch.Tensor] = {}
 
@@ -240,7 +241,9 @@ def session_stub(monkeypatch, route: list[RouteHop]) -> InferenceSession:
         return route
 
     remote = SimpleNamespace(make_route=make_route, span_request=lambda hop, **kwargs: None, dialer=None, loop=None,
-                             num_blocks=NUM_BLOCKS, config=ClientConfig(), bans=PeerBans(5.0, 120.0))
+                             num_blocks=NUM_BLOCKS, config=ClientConfig(), bans=PeerBans(5.0, 120.0),
+                             manager=SimpleNamespace(latencies=PeerLatencies(), speeds=PeerSpeeds()),
+                             metrics=ClientMetrics())
     remote.attempts = lambda what: Attempts(remote, what)
     monkeypatch.setattr(session_module, "InferenceStream", FakeStream)
     monkeypatch.setattr(FakeStream, "closed", [])

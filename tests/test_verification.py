@@ -13,6 +13,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from conftest import client_model
+from metrics_scrape import scrape, value
 from swarmlm.errors import VerificationError
 from swarmlm.local_swarm import start_dht, start_peer
 from swarmlm.models.embedded import DEFAULT_MODEL
@@ -33,6 +34,7 @@ def liar(request, honest_swarm):
     dht, _ = honest_swarm
     with start_peer(DEFAULT_MODEL, dht.maddrs[0], "--blocks", "0:8", "--throughput", "1e9",
                     program=(LIAR, request.param)) as peer:
+        peer.name = request.param
         yield peer
 
 
@@ -57,13 +59,19 @@ class Collector(BaseStreamer):
 def test_a_lying_peer_is_caught_and_the_output_is_the_local_models(honest_swarm, liar, expected):
     _, honest = honest_swarm
     ids, reference = expected
-    with client_model(honest_swarm[0].maddrs) as model:
+    with client_model(honest_swarm[0].maddrs, metrics_port=0) as model:
         streamer = Collector()
         output = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
         assert torch.equal(output, reference)
         assert streamer.tokens == reference[0].tolist() and streamer.ended  # the streamer saw no wrong token
         assert liar.peer_id in model.remote.bans.convicted
         assert honest.peer_id not in model.remote.bans.banned()
+        samples = scrape(model.remote.metrics_url)  # what an operator sees
+        assert value(samples, "swarmlm_client_peer_bans_total", reason="wrong_output") == 1
+        if liar.name != "nan":  # a NaN answer is refused at once, without an audit
+            assert value(samples, "swarmlm_client_audits_total", outcome="mismatch") >= 1
+            assert value(samples, "swarmlm_client_generate_reruns_total") >= 1
+            assert value(samples, "swarmlm_client_audited_tokens_total") > 0
         again = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)  # the liar stays out of routes
         assert torch.equal(again, reference)
 

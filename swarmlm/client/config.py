@@ -36,6 +36,10 @@ class ClientConfig:
     verify_locally: bool = True  # the client may compute blocks from its own checkpoint (when it holds them) to
     # audit what no other peer can, and to settle disagreements
 
+    metrics_port: Optional[int] = None  # serve the client's Prometheus metrics (swarmlm.client.metrics) on this port
+    # (0: any free one; RemoteSequential.metrics_url says where); None: not served
+    metrics_host: str = "127.0.0.1"  # where those metrics listen
+
     def __post_init__(self):
         if self.verify not in ("off", "available", "required"):
             raise ValueError(f"verify must be off, available or required, got {self.verify!r}")

@@ -180,6 +180,7 @@ class DistributedCausalLMMixin:
                 if attempt == self.remote.config.max_retries:
                     raise
                 logger.warning(f"{e}; generating again from token {start - session.prefix_tokens}")
+                self.remote.metrics.rerun()
                 session.rollback(start)
                 _restore_random_state(rng)
                 if isinstance(streamer, VerifiedStreamer):

@@ -1,10 +1,10 @@
-"""What the client learns about peers as it uses them: round-trip times and temporary bans."""
+"""What the client learns about peers as it uses them: round-trip times, measured speeds and bans."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 
 class PeerLatencies:
@@ -30,6 +30,32 @@ class PeerLatencies:
         return [p for p in peer_ids if p not in self._rtt]
 
 
+class PeerSpeeds:
+    """Exponentially averaged compute speed per peer, in tokens/s per block, as the client measured it (from the
+    answer times of inference steps), so that routes are not built on what peers announce (anyone can announce
+    anything)."""
+
+    def __init__(self, smoothing: float = 0.3):
+        self.smoothing = smoothing
+        self._speed: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, peer_id: str, tokens: int, blocks: int, seconds: float) -> None:
+        """`peer_id` took `seconds` (its compute, the round trip left out) for `tokens` tokens through `blocks`."""
+        speed = tokens * blocks / max(seconds, 1e-6)
+        with self._lock:
+            old = self._speed.get(peer_id)
+            self._speed[peer_id] = speed if old is None else (1 - self.smoothing) * old + self.smoothing * speed
+
+    def get(self, peer_id: str) -> Optional[float]:
+        return self._speed.get(peer_id)
+
+    def best(self) -> Optional[float]:
+        """The fastest speed measured so far (None before any)."""
+        with self._lock:
+            return max(self._speed.values(), default=None)
+
+
 class PeerBans:
     """Peers that failed recently are left out of routes for a while.
 
@@ -37,8 +63,10 @@ class PeerBans:
     `max_duration`); a success clears its record (`clear`, cheap enough for every inference step).
     """
 
-    def __init__(self, base: float, max_duration: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, base: float, max_duration: float, clock: Callable[[], float] = time.monotonic,
+                 on_ban: Callable[[str], None] = lambda reason: None):
         self.base, self.max_duration, self.clock = base, max_duration, clock
+        self.on_ban = on_ban  # called with "failure" or "wrong_output" (ClientMetrics.banned)
         self._failures: dict[str, int] = {}
         self._until: dict[str, float] = {}
         self.convicted: set[str] = set()  # peers caught answering wrong numbers: banned for good
@@ -53,14 +81,18 @@ class PeerBans:
             self._failures[peer_id] = failures
             duration = min(self.base * 2 ** (failures - 1), self.max_duration)
             self._until[peer_id] = self.clock() + duration
-            return duration
+        self.on_ban("failure")
+        return duration
 
     def convict(self, peer_id: str) -> None:
         """Bans `peer_id` for the rest of this client's life: it was caught answering wrong numbers."""
         with self._lock:
+            new = peer_id not in self.convicted
             self.convicted.add(peer_id)
             self._until[peer_id] = float("inf")
             self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
+        if new:
+            self.on_ban("wrong_output")
 
     def clear(self, peer_id: str) -> None:
         """Forgets `peer_id`'s failures (it just served a request): its next failure bans it for `base` again.

@@ -14,13 +14,14 @@ import hivemind
 
 from swarmlm.dht.records import ServerRecord, ServerState
 from swarmlm.dht.registry import fetch_block_records
-from swarmlm.client.peer_stats import PeerLatencies
+from swarmlm.client.peer_stats import PeerLatencies, PeerSpeeds
 from swarmlm.errors import MissingBlocksError
 
 logger = logging.getLogger(__name__)
 
 CACHE_PENALTY = 10.0  # seconds added to a hop whose peer lacks free KV cache for the session
 DEFAULT_RTT = 0.005  # seconds assumed for a peer whose round trip was never measured
+UNMEASURED_CAP = 4.0  # a peer not measured yet counts at most this many times as fast as the fastest one measured
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SequenceManager:
         self.dht, self.model, self.num_blocks = dht, model, num_blocks
         self.refresh_period, self.hint = refresh_period, hint
         self.latencies = PeerLatencies()
+        self.speeds = PeerSpeeds()
         self.direct_addresses: dict[str, str] = {}  # peer id -> its direct-connection address, from its own rpc_info
         # answer (p2p authenticates the peer; records are not trusted with addresses: anyone can write one)
         self.default_rtt = DEFAULT_RTT
@@ -125,12 +127,22 @@ class SequenceManager:
             block = previous[block].start
         return route[::-1]
 
+    def throughput(self, record: ServerRecord) -> float:
+        """The per-block throughput routes count on for `record`'s peer: what the client measured (never more than
+        the peer announced); for a peer not measured yet, its announcement, but at most UNMEASURED_CAP times the
+        fastest measured peer, so an announcement of 1e9 tokens/s buys one try, not the route."""
+        measured = self.speeds.get(record.peer_id)
+        if measured is not None:
+            return min(record.throughput, measured)
+        best = self.speeds.best()
+        return record.throughput if best is None else min(record.throughput, UNMEASURED_CAP * best)
+
     def route_cost(self, record: ServerRecord, num_blocks: int, cache_tokens: int, compute_scale: float = 1.0) -> float:
         """Expected seconds for one token step through `num_blocks` blocks of `record`'s peer:
-        round trip + compute at its announced per-block throughput, plus a penalty when its free
-        KV cache is smaller than the session needs (it would likely answer "busy")."""
+        round trip + compute at its `throughput` (measured where the client has measured it), plus a penalty when
+        its free KV cache is smaller than the session needs (it would likely answer "busy")."""
         rtt = self.latencies.get(record.peer_id, self.default_rtt)
-        compute = num_blocks * compute_scale / max(record.throughput, 1e-3)
+        compute = num_blocks * compute_scale / max(self.throughput(record), 1e-3)
         penalty = CACHE_PENALTY if cache_tokens > record.free_cache_tokens else 0.0
         return rtt + compute + penalty
 

@@ -255,7 +255,7 @@ class InferenceSession:
                 await attempts.failed(e, getattr(e, "peer", None))
         loop = asyncio.get_running_loop()
         while i < len(self._hops):
-            hop, resend = self._hops[i], None
+            hop, resend, sent_by_peer = self._hops[i], None, sent
             try:
                 if not sent:
                     self._send(hop, start, end, self._push_chain(i + 1, start))
@@ -269,7 +269,10 @@ class InferenceSession:
                     if resend is not None:
                         resend.cancel()
                 _check_output(hop, output, (self._batch, end - hop.length, hidden.shape[2]))
-                hop.observe_answer(loop.time() - waiting_since)
+                waited = loop.time() - waiting_since
+                hop.observe_answer(waited)
+                if end - start == 1 and hop.length == start:  # a decode step: what the peer's speed is judged on
+                    self._measure(hop, waited, pushed=sent_by_peer)
                 self.pushed_steps += sent
             except RemotePeerError as e:
                 if e.wrong_output:
@@ -284,6 +287,14 @@ class InferenceSession:
             history.write(hop.route.end, hop.length, output, source=hop.route.peer_id)
             hop.length, i = end, i + 1
         return output[:, -(end - start):]
+
+    def _measure(self, hop: _Hop, waited: float, pushed: bool) -> None:
+        """Records the hop's peer's speed from the wait for its answer to a one-token step: less the round trip if
+        the client sent the step; all of it if the previous peer pushed it (its answer left for us at the same time
+        as the push left for this peer)."""
+        compute = waited if pushed else waited - self.remote.manager.latencies.get(hop.route.peer_id, 0.0)
+        self.remote.manager.speeds.observe(hop.route.peer_id, self._batch, hop.route.end - hop.route.start,
+                                           max(compute, waited * 0.1))
 
     def _send(self, hop: _Hop, start: int, end: int, push_to: list[PushTarget]) -> None:
         """Sends the hop everything it lacks up to `end` (the step's tokens [start, end) on a normal step,
@@ -372,6 +383,7 @@ class InferenceSession:
             except (MissingBlocksError, RemotePeerError) as e:
                 await attempts.failed(e, getattr(e, "peer", None))
         self.failovers += 1
+        self.remote.metrics.failover()
 
     def close(self) -> None:
         if self.closed:

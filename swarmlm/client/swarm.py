@@ -20,7 +20,9 @@ from swarmlm.client.peer_stats import PeerBans
 from swarmlm.client.routing import RouteHop, SequenceManager
 from swarmlm.client.rpc import call_backward, call_forward, call_info
 from swarmlm.client.verification import Auditor
+from swarmlm.client.metrics import ClientMetrics
 from swarmlm.dht.node import create_dht, shutdown_dht
+from swarmlm.monitoring.http_service import serve_metrics
 from swarmlm.utils.swarm_key import load_swarm_key
 from swarmlm.dht.records import model_keys
 from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
@@ -45,7 +47,10 @@ class RemoteSequential:
         # every call and stream to peers goes here
         self.dialer = Dialer(self.p2p, direct=config.direct_connections, swarm_key=swarm_key)
         self.manager = SequenceManager(self.dht, model, num_blocks, config.route_refresh_period, hint)
-        self.bans = PeerBans(config.ban_duration, config.max_ban_duration)
+        self.metrics = ClientMetrics()
+        self.bans = PeerBans(config.ban_duration, config.max_ban_duration, on_ban=self.metrics.banned)
+        self.metrics_server = (serve_metrics(self.metrics.registry, config.metrics_host, config.metrics_port)
+                               if config.metrics_port is not None else None)
         self.auditor = Auditor(self)  # verifies inference sessions' outputs; model.py gives it the local checkpoint
 
     def span_request(self, hop: RouteHop, **kwargs) -> SpanRequest:
@@ -170,7 +175,14 @@ class RemoteSequential:
             await attempts.failed(failed, failed.peer)
             _, pieces = await self.forward_blocks(hop_input, position_ids, mask, hop.start, hop.end, prompts)
 
+    @property
+    def metrics_url(self) -> Optional[str]:
+        """Where Prometheus scrapes this client (None without ClientConfig.metrics_port)."""
+        return f"{self.metrics_server.url}/metrics" if self.metrics_server is not None else None
+
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         try:
             self.loop.run(self.p2p.shutdown(), timeout=5)
         except Exception:

@@ -128,13 +128,16 @@ class Auditor:
             if (segment.start, segment.end, segment.producers) not in self._warned:
                 self._warned.add((segment.start, segment.end, segment.producers))
                 logger.warning(message + ' (ClientConfig(verify="required") fails instead)')
+            self.remote.metrics.audited("unverified")
             return Verdict()
         output, by = first
         lo = segment.verified
         mismatch = first_mismatch(segment.claimed[:, lo:], output[:, lo:], self.tolerance)
         if mismatch is None:
+            self.remote.metrics.audited("agreed", segment.claimed.shape[1] - lo)
             return Verdict()
         self.mismatches += 1
+        self.remote.metrics.audited("mismatch", segment.claimed.shape[1] - lo)
         index, error = mismatch
         logger.warning(f"Blocks {segment.start}:{segment.end}: the outputs of {sorted(segment.producers)} and of "
                        f"{sorted(by)} differ at token {lo + index} (relative error {error:.3g}); asking a third")
