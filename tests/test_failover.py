@@ -127,8 +127,8 @@ def test_generation_survives_a_peer_killed_before_the_prefill(client, replicas, 
     with client.inference_session(max_length=prompt_ids.shape[1] + NEW_TOKENS) as session:
         open_route, victims = session._open, []
 
-        async def open_then_kill(start, end):
-            hops = await open_route(start, end)
+        async def open_then_kill(start, end, previous=None):
+            hops = await open_route(start, end, previous)
             if not victims:  # the chosen peer dies after the session was requested, before any step
                 victims.append(replicas.kill_serving([hop.route for hop in hops], 5))
             return hops

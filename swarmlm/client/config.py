@@ -36,6 +36,8 @@ class ClientConfig:
     verify_locally: bool = True  # the client may compute blocks from its own checkpoint (when it holds them) to
     # audit what no other peer can, and to settle disagreements
 
+    check_weights: bool = True  # peers whose announced weights hash differs from the local checkpoint's blocks (when
+    # it holds them; read and hashed once) are not used; a different config hash never is (client.weights_check)
     metrics_port: Optional[int] = None  # serve the client's Prometheus metrics (swarmlm.client.metrics) on this port
     # (0: any free one; RemoteSequential.metrics_url says where); None: not served
     metrics_host: str = "127.0.0.1"  # where those metrics listen

@@ -23,6 +23,7 @@ from swarmlm.client.prompt_tuning import PromptPrefix, extend_mask
 from swarmlm.client.session import InferenceSession
 from swarmlm.client.swarm import RemoteSequential
 from swarmlm.client.verification import LocalBlocks, VerifiedStreamer
+from swarmlm.client.weights_check import WeightsCheck
 from swarmlm.errors import SwarmError, VerificationError, WrongOutputError
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.hf_compat import cache_argument, output_cache_field, pop_cache
@@ -249,4 +250,6 @@ class AutoDistributedModelForCausalLM:
         model.remote = RemoteSequential(name, model_config.num_hidden_layers, client_config, hint=str(name_or_path))
         if client_config.verify_locally:
             model.remote.auditor.local = LocalBlocks(resolved.path, family, model_config)
+        check = WeightsCheck(resolved.path, family, model_config, read_blocks=client_config.check_weights)
+        model.remote.manager.accepts = check.accepts
         return model

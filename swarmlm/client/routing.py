@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import hivemind
 
@@ -43,6 +43,8 @@ class SequenceManager:
         self.direct_addresses: dict[str, str] = {}  # peer id -> its direct-connection address, from its own rpc_info
         # answer (p2p authenticates the peer; records are not trusted with addresses: anyone can write one)
         self.default_rtt = DEFAULT_RTT
+        self.accepts: Callable[[ServerRecord], bool] = lambda record: True  # records routes may use (a client's
+        # WeightsCheck: the peer serves this model's config and weights)
         self._records: list[list[ServerRecord]] = [[] for _ in range(num_blocks)]
         self._updated_at = -float("inf")
         self._lock = threading.Lock()
@@ -51,7 +53,8 @@ class SequenceManager:
         with self._lock:
             if not force and time.monotonic() - self._updated_at < self.refresh_period:
                 return
-            self._records = fetch_block_records(self.dht, self.model, self.num_blocks)
+            records = fetch_block_records(self.dht, self.model, self.num_blocks)
+            self._records = [[r for r in block if self.accepts(r)] for block in records]
             self._updated_at = time.monotonic()
 
     def block_records(self) -> list[list[ServerRecord]]:

@@ -44,6 +44,9 @@ class ServerRecord(BaseModel):
     torch_dtype: str = Field(max_length=16)  # dtype the blocks compute in
     public_name: Optional[str] = Field(default=None, max_length=64)  # optional human-readable name
     movable: bool = False  # the peer chose its blocks (--num-blocks) and may move to where the swarm is weak
+    config_hash: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{16}$")  # of the model's config
+    weights_hash: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{32}$")  # of the config and blocks
+    # [start, end)'s weights (swarmlm.models.fingerprint); None while some are not loaded (a JOINING move)
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> "ServerRecord":
@@ -53,7 +56,8 @@ class ServerRecord(BaseModel):
 
     def to_wire(self) -> tuple:
         return (self.peer_id, int(self.state), self.start, self.end, self.throughput, self.free_cache_tokens,
-                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name, self.movable)
+                self.max_cache_tokens, self.version, self.torch_dtype, self.public_name, self.movable,
+                self.config_hash, self.weights_hash)
 
     @classmethod
     def from_wire(cls, wire: Any) -> "ServerRecord":

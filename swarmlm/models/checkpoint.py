@@ -79,9 +79,11 @@ def tensor_files(path: Path) -> dict[str, str]:
 
 
 def load_tensors(
-    path: Path, rename: Callable[[str], str | None], dtype: torch.dtype | None = None
+    path: Path, rename: Callable[[str], str | None], dtype: torch.dtype | None = None,
+    on_read: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Loads the tensors for which `rename(name)` returns a new name (others are never read)."""
+    """Loads the tensors for which `rename(name)` returns a new name (others are never read); `on_read(new name,
+    tensor)` sees each one as stored, before the cast to `dtype` (swarmlm.models.fingerprint hashes them there)."""
     by_file: dict[str, list[tuple[str, str]]] = {}
     for name, filename in tensor_files(path).items():
         new_name = rename(name)
@@ -92,5 +94,7 @@ def load_tensors(
         with safe_open(path / filename, framework="pt") as f:
             for name, new_name in names:
                 tensor = f.get_tensor(name)
+                if on_read is not None:
+                    on_read(new_name, tensor)
                 tensors[new_name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return tensors

@@ -35,6 +35,7 @@ from swarmlm.dht.records import model_keys
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
 from swarmlm.models.checkpoint import load_tensors, resolve_model
+from swarmlm.models.fingerprint import BlockDigests, config_hash, span_weights_hash
 from swarmlm.monitoring.http_service import HttpService, serve_metrics
 from swarmlm.monitoring.metrics import PeerMetrics
 from swarmlm.peer.block_selection import block_throughputs, choose_span
@@ -87,6 +88,8 @@ class Peer:
         self.metrics = PeerMetrics()  # shown at /metrics; training counts its averaging rounds here too
         self.metrics_server: Optional[HttpService] = None  # started by start() when config.metrics_port is set
         self.model_record: Optional[ModelRecord] = None  # what this peer registers about its model
+        self.config_hash: Optional[str] = None  # of the model's config, announced in span records
+        self.block_digests: dict[int, bytes] = {}  # block -> digest of its weights as stored (models.fingerprint)
         self.direct_address: Optional[str] = None  # "host:port" of direct connections, when served (config.serves_direct)
 
     # ---- start ------------------------------------------------------------------------------------
@@ -119,6 +122,7 @@ class Peer:
         family = family_for_config(model_config)
         total = model_config.num_hidden_layers
         self.model_record = ModelRecord(num_blocks=total, family=family.model_type)
+        self.config_hash = config_hash(model_config)
         if c.blocks is not None:
             start, end = c.blocks
             if end > total:
@@ -174,7 +178,10 @@ class Peer:
             return None if renamed is None or start + int(renamed.split(".")[1]) in kept else renamed
 
         span = BlockSpan(family, self._model_config, start, end)
-        missing, unexpected = span.load_state_dict(load_tensors(self._checkpoint, tensor_name, dtype), strict=False)
+        digests = BlockDigests(start)
+        tensors = load_tensors(self._checkpoint, tensor_name, dtype, on_read=digests)
+        self.block_digests.update(digests.blocks())  # kept blocks keep theirs
+        missing, unexpected = span.load_state_dict(tensors, strict=False)
         missing = [m for m in missing if not m.startswith("rotary_emb.")
                    and not (m.startswith("layers.") and start + int(m.split(".")[1]) in kept)]
         if missing or unexpected:
@@ -212,11 +219,13 @@ class Peer:
     # ---- announcements ----------------------------------------------------------------------------
 
     def record(self, state: ServerState, start: int | None = None, end: int | None = None, free: int | None = None):
+        start = self.span.start if start is None else start
+        end = self.span.end if end is None else end
         return ServerRecord(
             peer_id=self.dht.peer_id.to_base58(),
             state=state,
-            start=self.span.start if start is None else start,
-            end=self.span.end if end is None else end,
+            start=start,
+            end=end,
             throughput=float(self.throughput),
             free_cache_tokens=self.budget.free_tokens if free is None else free,
             max_cache_tokens=self.config.max_cache_tokens,
@@ -224,6 +233,8 @@ class Peer:
             torch_dtype=self.config.torch_dtype,
             public_name=self.config.public_name,
             movable=self.config.blocks is None,
+            config_hash=self.config_hash,
+            weights_hash=span_weights_hash(self.config_hash, self.block_digests, start, end),
         )
 
     def _announce(self, state: ServerState, start=None, end=None, free=None, blocks=None) -> None:
