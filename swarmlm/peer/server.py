@@ -34,8 +34,8 @@ from swarmlm.utils.swarm_key import SwarmKey, load_swarm_key
 from swarmlm.dht.records import model_keys
 from swarmlm.experts.families import family_for_config
 from swarmlm.experts.span import BlockSpan
-from swarmlm.models.checkpoint import load_tensors, resolve_model
-from swarmlm.models.fingerprint import BlockDigests, config_hash, span_weights_hash
+from swarmlm.models.checkpoint import resolve_model
+from swarmlm.models.fingerprint import config_hash, span_weights_hash
 from swarmlm.monitoring.http_service import HttpService, serve_metrics
 from swarmlm.monitoring.metrics import PeerMetrics
 from swarmlm.peer.block_selection import block_throughputs, choose_span
@@ -44,6 +44,7 @@ from swarmlm.peer.config import PeerConfig
 from swarmlm.peer.handler import SpanHandler, refuse_busy
 from swarmlm.peer.validation import Limits
 from swarmlm.peer.rebalancing import plan_move
+from swarmlm.peer.span_loader import load_span
 from swarmlm.peer.throughput import measure_throughput
 from swarmlm.peer.trainer_hook import BlockTrainer
 from swarmlm.transport import Server
@@ -166,31 +167,12 @@ class Peer:
         logger.info(f"Serving blocks {start}:{end} of {self.model_name} ({self.throughput:.0f} tokens/s per block)")
 
     def _load_span(self, start: int, end: int, reuse: Optional[BlockSpan] = None) -> BlockSpan:
-        """Blocks [start, end) with their weights; blocks that `reuse` holds are taken from it, not reloaded."""
-        c, family = self.config, self._family
-        dtype, device = DTYPES[c.torch_dtype], torch.device(c.device)
-        kept = range(max(start, reuse.start), min(end, reuse.end)) if reuse is not None else range(0)
-        logger.info(f"Loading blocks {start}:{end} of {self.model_name} ({family.name}) from {self._checkpoint}"
-                    + (f", keeping {kept.start}:{kept.stop}" if kept else ""))
-
-        def tensor_name(name: str) -> Optional[str]:
-            renamed = family.block_tensor_name(name, start, end)
-            return None if renamed is None or start + int(renamed.split(".")[1]) in kept else renamed
-
-        span = BlockSpan(family, self._model_config, start, end)
-        digests = BlockDigests(start)
-        tensors = load_tensors(self._checkpoint, tensor_name, dtype, on_read=digests)
-        self.block_digests.update(digests.blocks())  # kept blocks keep theirs
-        missing, unexpected = span.load_state_dict(tensors, strict=False)
-        missing = [m for m in missing if not m.startswith("rotary_emb.")
-                   and not (m.startswith("layers.") and start + int(m.split(".")[1]) in kept)]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for block in kept:
-            layer = reuse.layers[block - reuse.start]
-            layer.self_attn.layer_idx = block - start  # its index in the new span's KV cache
-            span.layers[block - start] = layer
-        return span.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        """Blocks [start, end) with their weights (span_loader.load_span); their digests join block_digests."""
+        c = self.config
+        span, digests = load_span(self._checkpoint, self._family, self._model_config, start, end,
+                                  DTYPES[c.torch_dtype], torch.device(c.device), reuse)
+        self.block_digests.update(digests)  # kept blocks keep theirs
+        return span
 
     def _start_training(self, span: BlockSpan) -> BlockTrainer:
         """Makes the span trainable (float32, requires grad) and joins its replicas' run, downloading their
