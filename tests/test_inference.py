@@ -168,8 +168,8 @@ def test_a_lost_push_costs_the_push_timeout_then_the_client_sends_the_step(dist_
 
     opened = InferenceStream.__init__
 
-    def lost_pushes(self, peer_id, span, direct_address=None):
-        opened(self, peer_id, span, direct_address)
+    def lost_pushes(self, peer_id, span, direct_address=None, push_from=None):
+        opened(self, peer_id, span, direct_address, push_from)
         self.push_target = PushTarget(peer_id=peer_id, session_id="f" * 32)  # not this session's id
 
     monkeypatch.setattr(InferenceStream, "__init__", lost_pushes)

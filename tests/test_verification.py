@@ -70,7 +70,7 @@ def test_a_lying_peer_is_caught_and_the_output_is_the_local_models(honest_swarm,
         assert value(samples, "swarmlm_client_peer_bans_total", reason="wrong_output") == 1
         if liar.name != "nan":  # a NaN answer is refused at once, without an audit
             assert value(samples, "swarmlm_client_audits_total", outcome="mismatch") >= 1
-            assert value(samples, "swarmlm_client_generate_reruns_total") >= 1
+            assert value(samples, "swarmlm_client_reruns_total") >= 1
             assert value(samples, "swarmlm_client_audited_tokens_total") > 0
         again = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)  # the liar stays out of routes
         assert torch.equal(again, reference)
@@ -94,6 +94,23 @@ def test_without_verification_the_liar_wins(honest_swarm, liar, expected):
     ids, reference = expected
     with client_model(honest_swarm[0].maddrs, verify="off") as model:
         assert not torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), reference)
+
+
+@pytest.mark.parametrize("liar", ["noise"], indirect=True)  # (5% off would vanish in the final norm)
+def test_an_audited_forward_pass_catches_the_liar_and_gives_the_local_logits(honest_swarm, liar, local_model,
+                                                                             tokenizer):
+    """model(...) (a stateless forward pass, as in training) audited every time (verify_rate=1): the liar is
+    caught, the pass runs again without it, and the logits are the local model's; with verify_rate=0 (the
+    control) the liar's numbers come through."""
+    batch = tokenizer(["A swarm of strangers", "Lies"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = local_model(**batch).logits
+    with client_model(honest_swarm[0].maddrs, verify_rate=0.0) as model, torch.no_grad():
+        assert (model(**batch).logits - reference).abs().max() > 1e-2
+    with client_model(honest_swarm[0].maddrs, verify_rate=1.0) as model, torch.no_grad():
+        logits = model(**batch).logits
+        assert liar.peer_id in model.remote.bans.convicted
+    assert (logits - reference).abs().max() < 1e-3
 
 
 def test_required_verification_fails_loudly_where_nothing_can_verify(honest_swarm, expected):

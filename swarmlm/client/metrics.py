@@ -30,8 +30,8 @@ class ClientMetrics:
             "swarmlm_client_peer_bans", "Peers left out of routes, by reason (failure: for a while, wrong_output: "
             "caught answering wrong numbers, for the client's lifetime)", ["reason"], registry=r)
         self._reruns = Counter(
-            "swarmlm_client_generate_reruns", "generate() calls rerun from their start after a peer was caught "
-            "answering wrong numbers", registry=r)
+            "swarmlm_client_reruns", "generate() calls and forward passes run again from their start after a peer "
+            "was caught answering wrong numbers", registry=r)
         self._failovers = Counter(
             "swarmlm_client_failovers", "Hops of inference sessions replaced after their peer failed", registry=r)
         for outcome in AUDIT_OUTCOMES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from functools import partial
 from typing import Iterable, Optional
@@ -25,7 +26,7 @@ from swarmlm.dht.node import create_dht, shutdown_dht
 from swarmlm.monitoring.http_service import serve_metrics
 from swarmlm.utils.swarm_key import load_swarm_key
 from swarmlm.dht.records import model_keys
-from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError
+from swarmlm.errors import MissingBlocksError, RemotePeerError, SwarmError, VerificationError
 from swarmlm.experts.protocol import SpanRequest
 from swarmlm.transport import Dialer
 from swarmlm.utils.aio import LoopThread
@@ -51,7 +52,8 @@ class RemoteSequential:
         self.bans = PeerBans(config.ban_duration, config.max_ban_duration, on_ban=self.metrics.banned)
         self.metrics_server = (serve_metrics(self.metrics.registry, config.metrics_host, config.metrics_port)
                                if config.metrics_port is not None else None)
-        self.auditor = Auditor(self)  # verifies inference sessions' outputs; model.py gives it the local checkpoint
+        self.auditor = Auditor(self)
+        self._audit_coin = random.Random()  # draws which forward passes are audited  # verifies inference sessions' outputs; model.py gives it the local checkpoint
 
     def span_request(self, hop: RouteHop, **kwargs) -> SpanRequest:
         return SpanRequest(model=self.model, start=hop.start, end=hop.end, **kwargs)
@@ -107,8 +109,23 @@ class RemoteSequential:
     # ---- forward / backward ----------------------------------------------------------------------
 
     def run_chain(self, hidden, position_ids, mask, prompts=None) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
-        """Forward through all blocks; returns the output and each hop with its input (for backward)."""
-        return self.loop.run(self.forward_blocks(hidden, position_ids, mask, 0, self.num_blocks, prompts))
+        """Forward through all blocks; returns the output and each hop with its input (for backward). Audited with
+        probability verify_rate (see `_audited_forward`)."""
+        return self.loop.run(self._audited_forward(hidden, position_ids, mask, prompts))
+
+    async def _audited_forward(self, hidden, position_ids, mask, prompts):
+        """forward_blocks through every block; with verification on, the pass is audited hop by hop with
+        probability verify_rate (swarmlm.client.verification.Auditor.audit_chain), and run again, without the
+        peers caught lying, until an audited pass holds (at most max_retries times)."""
+        for attempt in range(self.config.max_retries + 1):
+            output, hops = await self.forward_blocks(hidden, position_ids, mask, 0, self.num_blocks, prompts)
+            if self.config.verify == "off" or self._audit_coin.random() >= self.config.verify_rate:
+                return output, hops
+            liars = await self.auditor.audit_chain(hops, output, position_ids, mask, prompts, _here)
+            if not liars:
+                return output, hops
+            self.metrics.rerun()
+        raise VerificationError(f"a forward pass had wrong answers {self.config.max_retries + 1} times in a row")
 
     def run_backward(self, hops: list[tuple[RouteHop, torch.Tensor]], grad, position_ids, mask, prompts=None):
         """-> (grad of the chain's input, grad of the deep prompts or None)."""
@@ -222,6 +239,11 @@ class Attempts:
         read: only then may the gap close on a retry (the route could not use that peer, or it is loading)."""
         banned = self.remote.bans.banned()
         return bool(banned) and bool(banned & self.remote.manager.announcing(missing))
+
+
+async def _here(coro):
+    """Runs a coroutine on the current loop (the auditor's `on_shared` when already on the network loop)."""
+    return await coro
 
 
 class _RemoteChain(torch.autograd.Function):

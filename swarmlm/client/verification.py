@@ -9,7 +9,10 @@ contradicts lied. A liar is banned for the client's lifetime; the session rolls 
 Because an audit covers every token from the last verified one on, one audit after the last token (generate() runs
 it before returning) catches every corrupted answer beyond the tolerance, whatever fraction of answers a peer
 corrupts, provided an honest independent computation exists. Audits during decoding (each step with probability
-`verify_rate`) catch a liar earlier, so less work is redone.
+`verify_rate`) catch a liar earlier, so less work is redone. A stateless forward pass (model(...), training) is
+audited hop by hop with probability `verify_rate` (`audit_chain`) and run again after a caught lie; a peer that
+corrupts its forward answers is so caught with probability verify_rate per corrupted call. Backward passes
+(gradients) are not audited.
 """
 
 from __future__ import annotations
@@ -34,18 +37,22 @@ logger = logging.getLogger(__name__)
 LOCAL = "local blocks"  # who computed a result that the client computed itself
 
 
-def relative_errors(claimed: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+def relative_errors(claimed: torch.Tensor, computed: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[batch, tokens, hidden] x 2 -> [tokens]: the worst relative L2 error over the batch at each token (inf where
-    `claimed` is not finite)."""
+    `claimed` is not finite). Padding (False in `mask`, [batch, tokens]) counts as agreeing: what a block computes
+    for a token nothing attends to depends on the kernel."""
     claimed, computed = claimed.float(), computed.float()
     error = (claimed - computed).norm(dim=-1) / computed.norm(dim=-1).clamp_min(1e-6)
     error = torch.where(torch.isfinite(claimed).all(dim=-1), error, torch.full_like(error, float("inf")))
+    if mask is not None:
+        error = torch.where(mask.to(torch.bool), error, torch.zeros_like(error))
     return error.amax(dim=0)
 
 
-def first_mismatch(claimed: torch.Tensor, computed: torch.Tensor, tolerance: float) -> Optional[tuple[int, float]]:
+def first_mismatch(claimed: torch.Tensor, computed: torch.Tensor, tolerance: float,
+                   mask: Optional[torch.Tensor] = None) -> Optional[tuple[int, float]]:
     """(index of the first token whose error exceeds `tolerance`, its error), or None when all agree."""
-    errors = relative_errors(claimed, computed)
+    errors = relative_errors(claimed, computed, mask)
     bad = (~(errors <= tolerance)).nonzero()
     if bad.numel() == 0:
         return None
@@ -132,7 +139,8 @@ class Auditor:
             return Verdict()
         output, by = first
         lo = segment.verified
-        mismatch = first_mismatch(segment.claimed[:, lo:], output[:, lo:], self.tolerance)
+        mask = segment.mask[:, lo:] if segment.mask is not None else None
+        mismatch = first_mismatch(segment.claimed[:, lo:], output[:, lo:], self.tolerance, mask)
         if mismatch is None:
             self.remote.metrics.audited("agreed", segment.claimed.shape[1] - lo)
             return Verdict()
@@ -147,8 +155,8 @@ class Auditor:
                 f"blocks {segment.start}:{segment.end}: {sorted(segment.producers)} and {sorted(by)} disagree at "
                 f"token {lo + index} and no third computation (another replica, local blocks) can tell who is right")
         judged, _ = referee
-        claimed_ok = first_mismatch(segment.claimed[:, lo:], judged[:, lo:], self.tolerance)
-        recomputed_ok = first_mismatch(output[:, lo:], judged[:, lo:], self.tolerance)
+        claimed_ok = first_mismatch(segment.claimed[:, lo:], judged[:, lo:], self.tolerance, mask)
+        recomputed_ok = first_mismatch(output[:, lo:], judged[:, lo:], self.tolerance, mask)
         if claimed_ok is not None and recomputed_ok is None:
             index, error = claimed_ok
             return Verdict(lo + index, error)
@@ -160,6 +168,22 @@ class Auditor:
             return Verdict()
         raise VerificationError(f"blocks {segment.start}:{segment.end}: three computations disagree at token "
                                 f"{lo + index}; refusing to go on")
+
+    async def audit_chain(self, hops: list, output: torch.Tensor, position_ids, mask, prompts, on_shared) -> set[str]:
+        """Audits each hop of a stateless forward pass (`hops`: (RouteHop, its input), `output`: the last hop's);
+        returns the peers caught answering wrong numbers (banned for good)."""
+        outputs = [hop_input for _, hop_input in hops[1:]] + [output]
+        mask = mask.to(torch.bool) if mask is not None else None
+        liars = set()
+        for (hop, hop_input), hop_output in zip(hops, outputs):
+            segment = Segment(hop.start, hop.end, hop_input, hop_output, position_ids, mask, prompts, 0,
+                              frozenset({hop.peer_id}))
+            if (await self.audit(segment, on_shared)).wrong is not None:
+                self.remote.bans.convict(hop.peer_id)
+                logger.warning(f"Peer {hop.peer_id} answered a forward pass through blocks {hop.start}:{hop.end} "
+                               f"with wrong hidden states; it is banned for this client")
+                liars.add(hop.peer_id)
+        return liars
 
     async def _recompute(self, segment: Segment, exclude: frozenset[str], on_shared, prefer_local: bool = False):
         """(output [batch, n, hidden], who computed it) from peers outside `exclude` (or local blocks: first when
