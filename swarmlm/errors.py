@@ -55,13 +55,12 @@ class LimitError(RequestError):
 class MissingBlocksError(SwarmError):
     def __init__(self, model: str, missing: list[tuple[int, int]], hint: str = ""):
         self.model, self.missing = model, missing
-        spans = ", ".join(f"{a}:{b}" for a, b in missing)
+        spans = ", ".join(f"{a}:{b}" for a, b in missing) or "(a route: every peer that could serve it is left out)"
         message = f"no peer serves blocks {spans} of model {model}"
-        first_start, first_end = missing[0]
-        message += (
-            f"; start one with: swarmlm peer --model {hint or model} --blocks {first_start}:{first_end} "
-            f"--initial-peers <MADDR>"
-        )
+        if missing:
+            first_start, first_end = missing[0]
+            message += (f"; start one with: swarmlm peer --model {hint or model} --blocks {first_start}:{first_end} "
+                        f"--initial-peers <MADDR>")
         super().__init__(message)
 
 

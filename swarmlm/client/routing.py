@@ -81,7 +81,7 @@ class SequenceManager:
             logger.info(f"Blocks {start}:{end}: only recently failed peers cover them; trying those again")
             route = self._cheapest(start, end, exclude, mode, cache_tokens)
         if route is None:
-            raise MissingBlocksError(self.model, self._missing(start, end), self.hint)
+            raise MissingBlocksError(self.model, self._missing(start, end, exclude), self.hint)
         return route
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
@@ -149,10 +149,11 @@ class SequenceManager:
         penalty = CACHE_PENALTY if cache_tokens > record.free_cache_tokens else 0.0
         return rtt + compute + penalty
 
-    def _missing(self, start: int, end: int) -> list[tuple[int, int]]:
+    def _missing(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[tuple[int, int]]:
+        """The runs of blocks in [start, end) that no ONLINE peer outside `exclude` serves."""
         missing, run_start = [], None
         for block in range(start, end):
-            served = any(r.state == ServerState.ONLINE for r in self._records[block])
+            served = any(r.state == ServerState.ONLINE and r.peer_id not in exclude for r in self._records[block])
             if not served and run_start is None:
                 run_start = block
             if served and run_start is not None:

@@ -53,7 +53,8 @@ class RemoteSequential:
         self.metrics_server = (serve_metrics(self.metrics.registry, config.metrics_host, config.metrics_port)
                                if config.metrics_port is not None else None)
         self.auditor = Auditor(self)
-        self._audit_coin = random.Random()  # draws which forward passes are audited  # verifies inference sessions' outputs; model.py gives it the local checkpoint
+        self._audit_coin = random.Random()  # draws which forward passes are audited
+        self.training_peers: set[str] = set()  # peers whose last info answer said they train their blocks  # verifies inference sessions' outputs; model.py gives it the local checkpoint
 
     def span_request(self, hop: RouteHop, **kwargs) -> SpanRequest:
         return SpanRequest(model=self.model, start=hop.start, end=hop.end, **kwargs)
@@ -81,6 +82,10 @@ class RemoteSequential:
                 return
             self.manager.latencies.update(peer_id, time.perf_counter() - started)
             self.dialer.learn(peer_id, info.direct_ticket)
+            if info.training_epoch is not None:  # its weights change every epoch: audits cannot compare them
+                self.training_peers.add(peer_id)
+            else:
+                self.training_peers.discard(peer_id)
             if info.direct_address is not None:
                 self.manager.direct_addresses[peer_id] = info.direct_address
             else:

@@ -125,11 +125,15 @@ class Auditor:
         Raises VerificationError when nothing can tell who is right (or, with verify="required", when nothing
         independent can recompute the segment)."""
         self.checks += 1
-        first = await self._recompute(segment, segment.producers, on_shared)
+        training = segment.producers & self.remote.training_peers
+        first = None if training else await self._recompute(segment, segment.producers, on_shared)
         if first is None:
             self.unverified += 1
             message = (f"blocks {segment.start}:{segment.end}: no peer other than {sorted(segment.producers)} serves "
                        f"them and the local checkpoint does not hold them, so their outputs are not verified")
+            if training:
+                message = (f"blocks {segment.start}:{segment.end}: {sorted(training)} train them (their weights change "
+                           f"every epoch, so nothing can recompute their answers), so their outputs are not verified")
             if self.remote.config.verify == "required":
                 raise VerificationError(message)
             if (segment.start, segment.end, segment.producers) not in self._warned:
@@ -188,6 +192,7 @@ class Auditor:
     async def _recompute(self, segment: Segment, exclude: frozenset[str], on_shared, prefer_local: bool = False):
         """(output [batch, n, hidden], who computed it) from peers outside `exclude` (or local blocks: first when
         `prefer_local`, else when no such peers cover the segment); None when neither can."""
+        exclude = exclude | self.remote.training_peers  # their weights are not the ones being checked
         local = self.local.span(segment.start, segment.end) if self.local is not None and (
             prefer_local or not self._routable(segment, exclude)) else None
         if local is not None:
