@@ -65,3 +65,17 @@ def test_measured_speeds_bound_what_is_announced():
     manager.speeds.observe("boaster", tokens=1, blocks=4, seconds=1.0)
     assert manager.throughput(boaster) == 4.0
     assert manager.route_cost(boaster, 4, 0) > manager.route_cost(honest, 4, 0)
+
+
+def test_old_measurements_are_forgotten_so_a_slow_peer_gets_another_try():
+    from swarmlm.client.peer_stats import PeerSpeeds
+
+    now = [0.0]
+    speeds = PeerSpeeds(max_age=600.0, clock=lambda: now[0])
+    speeds.observe("slow", tokens=1, blocks=4, seconds=1.0)
+    speeds.observe("fast", tokens=1, blocks=4, seconds=0.01)
+    now[0] = 500.0
+    speeds.observe("fast", tokens=1, blocks=4, seconds=0.01)
+    assert speeds.get("slow") == 4.0 and speeds.best() == pytest.approx(400.0)
+    now[0] = 700.0  # "slow" was last measured 700 s ago: unmeasured again (capped by "fast", measured 200 s ago)
+    assert speeds.get("slow") is None and speeds.best() == pytest.approx(400.0)

@@ -33,27 +33,32 @@ class PeerLatencies:
 class PeerSpeeds:
     """Exponentially averaged compute speed per peer, in tokens/s per block, as the client measured it (from the
     answer times of inference steps), so that routes are not built on what peers announce (anyone can announce
-    anything)."""
+    anything). A measurement older than `max_age` seconds is forgotten, so a peer that was slow once (and so
+    left out of routes) gets another try later."""
 
-    def __init__(self, smoothing: float = 0.3):
-        self.smoothing = smoothing
-        self._speed: dict[str, float] = {}
+    def __init__(self, smoothing: float = 0.3, max_age: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self.smoothing, self.max_age, self.clock = smoothing, max_age, clock
+        self._speed: dict[str, tuple[float, float]] = {}  # peer id -> (speed, when last measured)
         self._lock = threading.Lock()
 
     def observe(self, peer_id: str, tokens: int, blocks: int, seconds: float) -> None:
         """`peer_id` took `seconds` (its compute, the round trip left out) for `tokens` tokens through `blocks`."""
         speed = tokens * blocks / max(seconds, 1e-6)
         with self._lock:
-            old = self._speed.get(peer_id)
-            self._speed[peer_id] = speed if old is None else (1 - self.smoothing) * old + self.smoothing * speed
+            old = self.get(peer_id)
+            self._speed[peer_id] = (speed if old is None else (1 - self.smoothing) * old + self.smoothing * speed,
+                                    self.clock())
 
     def get(self, peer_id: str) -> Optional[float]:
-        return self._speed.get(peer_id)
+        """The peer's measured speed; None if it was never measured, or not for max_age seconds."""
+        entry = self._speed.get(peer_id)
+        return entry[0] if entry is not None and self.clock() - entry[1] <= self.max_age else None
 
     def best(self) -> Optional[float]:
-        """The fastest speed measured so far (None before any)."""
+        """The fastest speed measured within max_age (None before any)."""
+        now = self.clock()
         with self._lock:
-            return max(self._speed.values(), default=None)
+            return max((speed for speed, when in self._speed.values() if now - when <= self.max_age), default=None)
 
 
 class PeerBans:
