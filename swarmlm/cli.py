@@ -152,10 +152,13 @@ def cmd_peer(args, s: Settings) -> int:
         if peer.direct_address:
             print(f"DIRECT {peer.direct_address}", flush=True)
         print(f"{READY_LINE} blocks {peer.span.start}:{peer.span.end} of {peer.model_name}", flush=True)
-        while not stop.wait(1.0):
+        while not stop.wait(1.0) and not peer.stopped.is_set():
             pass
     finally:
         peer.shutdown()
+    if peer.failure is not None:
+        logging.getLogger("swarmlm").error(f"Peer stopped: {peer.failure}")
+        return 1
     return 0
 
 

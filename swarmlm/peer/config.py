@@ -110,6 +110,9 @@ class PeerConfig:
         "open sessions and push streams from everyone (more are refused as busy)"))
     update_period: float = field(default=30.0, metadata=setting(
         "seconds between DHT announcements (records expire after 2x); at most 300"))
+    health_check_period: float = field(default=5.0, metadata=setting(
+        "seconds between the peer's checks of its own parts (DHT process, p2p daemon, RPC loop, direct listener, "
+        "announcements); when one dies the peer leaves and exits with status 1, for a supervisor to restart it"))
     balance_period: float = field(default=120.0, metadata=setting(
         "with num_blocks: seconds (+-50% jitter) between checks whether moving would help the swarm"))
     balance_margin: float = field(default=0.2, metadata=setting(

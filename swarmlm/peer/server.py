@@ -45,6 +45,7 @@ from swarmlm.peer.handler import SpanHandler, refuse_busy
 from swarmlm.peer.validation import Limits
 from swarmlm.peer.rebalancing import plan_move
 from swarmlm.peer.span_loader import load_span
+from swarmlm.peer.watchdog import Watchdog, peer_checks
 from swarmlm.peer.throughput import measure_throughput
 from swarmlm.peer.trainer_hook import BlockTrainer
 from swarmlm.transport import Server
@@ -85,6 +86,9 @@ class Peer:
         self._announce_lock = threading.Lock()  # one announcement at a time; shutdown's OFFLINE is the last
         self._left = False  # set by shutdown once it announced OFFLINE: nothing is announced after that
         self._announcer: Optional[threading.Thread] = None
+        self.last_announced = 0.0  # time.monotonic() of the last announcement that went through
+        self.watchdog: Optional[Watchdog] = None  # started by start(): the peer's checks of its own parts
+        self.stopped = threading.Event()  # set when the watchdog found a dead part (the peer should leave)
         self._p2p = None
         self.metrics = PeerMetrics()  # shown at /metrics; training counts its averaging rounds here too
         self.metrics_server: Optional[HttpService] = None  # started by start() when config.metrics_port is set
@@ -164,6 +168,7 @@ class Peer:
         self._announce(ServerState.ONLINE)
         self._announcer = threading.Thread(target=self._announce_loop, name="swarmlm-announcer", daemon=True)
         self._announcer.start()
+        self.watchdog = Watchdog(peer_checks(self), c.health_check_period, lambda failure: self.stopped.set()).start()
         logger.info(f"Serving blocks {start}:{end} of {self.model_name} ({self.throughput:.0f} tokens/s per block)")
 
     def _load_span(self, start: int, end: int, reuse: Optional[BlockSpan] = None) -> BlockSpan:
@@ -197,6 +202,11 @@ class Peer:
             bind, announce = direct_hosts(c.host_maddrs, c.announce_maddrs)
             self.direct_address = await self.handler.serve_direct(bind, c.direct_port, announce)
             logger.info(f"Serving direct connections at {self.direct_address} (plain TCP)")
+
+    @property
+    def failure(self) -> Optional[str]:
+        """What part of the peer died ("part: what"), once the watchdog found one; the peer should then leave."""
+        return self.watchdog.failure if self.watchdog is not None else None
 
     # ---- announcements ----------------------------------------------------------------------------
 
@@ -233,6 +243,7 @@ class Peer:
             return
         expiration = get_dht_time() + record_expiration(self.config.update_period)
         declare_span(self.dht, self.model_name, record, expiration, self.identity.signer, blocks=blocks)
+        self.last_announced = time.monotonic()
         if blocks is None:  # the peer's own announcement, not a note about some of its blocks during a move
             declare_model(self.dht, self.model_name, self.model_record, expiration, self.identity.signer)
             self.metrics.observe_announcement(self.model_name, self.model_record.family, record,
@@ -341,6 +352,8 @@ class Peer:
     def shutdown(self, drain_timeout: float = 10.0) -> None:
         """Stops taking sessions and calls, stops the announcer, announces OFFLINE (the last announcement),
         waits (at most `drain_timeout` s) for running sessions and calls, stops."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.handler is not None:
             self.handler.stop_accepting()
         self._stop.set()
@@ -352,7 +365,7 @@ class Peer:
         with self._announce_lock:  # an announcement in progress ends first; none starts after this
             self._left = True
             moving = self._moving_to
-            if self.dht is not None and self.span is not None:
+            if self.dht is not None and self.span is not None and self.dht.is_alive():  # (a dead one never answers)
                 try:
                     self._write(ServerState.OFFLINE, free=0)
                     if moving is not None:  # a move was loading: withdraw its JOINING blocks too

@@ -185,6 +185,11 @@ class DirectListener:
                              f"answer over p2p)")
         return method, caller
 
+    @property
+    def serving(self) -> bool:
+        """Whether the listener still accepts connections."""
+        return self._server is not None and self._server.is_serving()
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()

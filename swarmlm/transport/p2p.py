@@ -61,6 +61,15 @@ def caller_of(context: "P2PContext | str") -> str:
     return context.remote_id.to_base58() if isinstance(context.remote_id, PeerID) else str(context.remote_id)
 
 
+async def daemon_answers(p2p: P2P) -> bool:
+    """Whether the p2p daemon behind `p2p` answers (it lists its connections)."""
+    try:
+        await p2p.list_peers()
+    except Exception:
+        return False
+    return True
+
+
 async def serve_raw(p2p: P2P, method: str, handler: RawHandler, balanced: bool = False) -> None:
     """Serves `method` as a raw stream: `handler(caller peer id, reader, writer)` reads and writes frames itself."""
     async def handle(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -52,6 +52,16 @@ class Server:
         """"IPV4:PORT" where direct connections are served (None: not served)."""
         return self.direct.address if self.direct is not None else None
 
+    def health(self) -> dict[str, Callable[[], Awaitable[Optional[str]]]]:
+        """Checks of what this server depends on, for a watchdog: part -> async check (None while it works)."""
+        async def daemon() -> Optional[str]:
+            return None if await p2p_adapter.daemon_answers(self.p2p) else "it does not answer"
+
+        async def direct() -> Optional[str]:
+            return None if self.direct.serving else "it stopped listening"
+
+        return {"p2p daemon": daemon, **({"direct listener": direct} if self.direct is not None else {})}
+
     def direct_ticket(self, caller: str) -> Optional[str]:
         """The ticket `caller` (a peer id proven by p2p) shows on direct connections; None where none are served.
         Hand it out only over p2p (swarmlm.transport.direct)."""

@@ -29,6 +29,11 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop's thread still runs it."""
+        return self._thread.is_alive() and self.loop.is_running()
+
     def submit(self, coro: Awaitable) -> Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
