@@ -61,12 +61,14 @@ def client_model(initial_peers: list[str], **client_kwargs):
 
 def direct_caller(model, peer_id: str) -> tuple[str, str]:
     """(the client `model`'s peer id, the ticket `peer_id` gives it for direct connections): what a dialer shows in
-    its hello (swarmlm.transport.direct); asked for over p2p, in the peer's info answer."""
+    its hello (swarmlm.transport.direct); asked for over p2p, in the peer's info answer (the client's dialer keeps
+    it)."""
     from swarmlm.client.rpc import call_info
 
     remote = model.remote
     info = remote.loop.run(call_info(remote.dialer, peer_id, 30))
     assert info.direct_ticket is not None, f"{peer_id} serves no direct connections"
+    remote.dialer.learn(peer_id, info.direct_ticket)  # as the client's probe does
     return remote.dialer.peer_id, info.direct_ticket
 
 

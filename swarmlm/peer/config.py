@@ -110,6 +110,11 @@ class PeerConfig:
         "open sessions and push streams from everyone (more are refused as busy)"))
     update_period: float = field(default=30.0, metadata=setting(
         "seconds between DHT announcements (records expire after 2x); at most 300"))
+    open_timeout: float = field(default=10.0, metadata=setting(
+        "seconds a new inference session may take to send its request; a connection that sends nothing is closed"))
+    max_cache_tokens_per_source: Optional[int] = field(default=None, metadata=setting(
+        "KV-cache tokens one source (a peer id; an IP address for direct connections) may reserve at most "
+        "(default: half of max_cache_tokens); more are refused as busy", metavar="N"))
     health_check_period: float = field(default=5.0, metadata=setting(
         "seconds between the peer's checks of its own parts (DHT process, p2p daemon, RPC loop, direct listener, "
         "announcements); when one dies the peer leaves and exits with status 1, for a supervisor to restart it"))

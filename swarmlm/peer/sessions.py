@@ -56,6 +56,7 @@ class Inbox:
     the caller. `aclose` stops reading the caller and waits for that."""
 
     def __init__(self, channel: Channel, max_bytes: int):
+        self.source = channel.source  # whom the session's KV cache counts against (CacheBudget)
         self.pushed_step: Optional[InferenceStep] = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pushed = 0  # pushed steps in the queue
@@ -144,7 +145,8 @@ class Sessions:
         h = self.handler
         reservation, session_id = None, None
         try:
-            open_request = unpack((await first_request(requests, h.limits.session_timeout)).metadata, SpanRequest)
+            open_request = unpack((await first_request(requests, min(h.limits.open_timeout, h.limits.session_timeout))
+                                   ).metadata, SpanRequest)
             span = h.span
             first, last = h.parser.check_span(open_request, span)
             max_length, batch = h.parser.check_session(open_request)
@@ -152,7 +154,7 @@ class Sessions:
                 raise RequestError(SHUTTING_DOWN)
             if open_request.session_id is not None and open_request.session_id in self._inboxes:
                 raise RequestError("a session with this session_id is already open here")
-            reservation = h.budget.reserve(batch * max_length)
+            reservation = h.budget.reserve(batch * max_length, inbox.source)
             self.active += 1
             if open_request.session_id is not None and open_request.push_from is not None:
                 session_id = open_request.session_id

@@ -34,6 +34,7 @@ class Limits:
     max_session_length: int
     request_timeout: float
     session_timeout: float
+    open_timeout: float = 10.0  # seconds a new inference channel may take to send its session request
 
     def max_message_bytes(self, prompts: bool = True) -> int:
         """The largest inference message read: float32 hidden states of max_request_tokens tokens, as much
