@@ -75,6 +75,11 @@ class PeerMetrics:
             "swarmlm_dropped_micro_batches", "Micro-batches whose parameter gradients this training peer dropped "
             "because their backward call gave up first (timed out, or the caller left): the caller retries them "
             "elsewhere", registry=r)
+        self._jobs = Gauge("swarmlm_compute_jobs", "Jobs (forward, backward, inference steps, state snapshots) waiting "
+                           "for or running on the compute thread", registry=r)
+        self._refused_jobs = Counter(
+            "swarmlm_refused_jobs", "Jobs refused as busy because the compute queue was full (--max-queued-jobs)",
+            registry=r)
         self.averaging = AveragingMetrics(r)  # a training peer's rounds (all zero on other peers)
         for kind in RPC_KINDS:  # every series exists from the start, so rate() sees the first event
             self._latency.labels(kind)
@@ -99,6 +104,14 @@ class PeerMetrics:
         _check(kind, RPC_KINDS, "kind")
         self._tokens.labels(kind).inc(tokens)
         self._latency.labels(kind).observe(seconds)
+
+    def job_refused(self) -> None:
+        """A job was refused: the compute queue was full."""
+        self._refused_jobs.inc()
+
+    def watch_jobs(self, jobs: Callable[[], float]) -> None:
+        """Makes the compute-jobs gauge read `jobs` at every scrape."""
+        self._jobs.set_function(jobs)
 
     def micro_batch_dropped(self) -> None:
         """A training peer dropped a micro-batch's parameter gradients (its backward call gave up first)."""

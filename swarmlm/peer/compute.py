@@ -3,7 +3,9 @@
 Every job runs on `BlockCompute.executor` (one thread: optimizer steps of a training peer run there too, so no
 job sees half-updated weights) under a timeout; tiny inference steps of a frozen CPU peer may run inline on the
 event loop instead (`runs_inline`). A backward job of a training peer hands its parameter gradients to the
-trainer only if its request still waits for the answer (`Counting`).
+trainer only if its request still waits for the answer (`Counting`). At most `max_jobs` jobs wait or run at once
+(each holds its request's tensors): more are refused as busy, so a flood of calls cannot grow the peer's memory
+without bound or delay everyone by minutes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from swarmlm.errors import RequestError
+from swarmlm.errors import LimitError, RequestError
 from swarmlm.experts.span import BlockSpan
 from swarmlm.monitoring.metrics import PeerMetrics
 
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 INLINE_MAX_TOKENS = 8  # inference steps of at most this many tokens (batch x seq) may run on the event loop...
 INLINE_STEP_SECONDS = 0.02  # ...if such steps took at most this long (see runs_inline)
+MAX_JOBS = 64  # jobs waiting for or running on the compute thread at most, by default
 
 
 class Counting:
@@ -59,8 +62,11 @@ class Counting:
 
 class BlockCompute:
     def __init__(self, device: torch.device, request_timeout: float, metrics: PeerMetrics,
-                 trainer: Optional["BlockTrainer"] = None):
+                 trainer: Optional["BlockTrainer"] = None, max_jobs: int = MAX_JOBS):
         self.device, self.request_timeout, self.metrics, self.trainer = device, request_timeout, metrics, trainer
+        self.max_jobs, self.jobs = max_jobs, 0  # jobs submitted and not finished
+        self._jobs_lock = threading.Lock()
+        metrics.watch_jobs(lambda: self.jobs)
         # torch's intra-op thread count is per thread under OpenMP: carry the process setting over
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-compute", initializer=torch.set_num_threads,
                                            initargs=(torch.get_num_threads(),))
@@ -81,7 +87,14 @@ class BlockCompute:
         `counting` (passed on to `fn`), one that already runs counts nothing: unless `fn` already began
         counting, then its result is awaited and answered (see Counting)."""
         timeout = self.request_timeout if timeout is None else timeout
+        if self.jobs >= self.max_jobs:
+            self.metrics.job_refused()
+            raise LimitError(f"the peer's compute queue is full ({self.max_jobs} jobs wait or run); retry later or "
+                             f"use another peer")
         queued = self.executor.submit(fn if counting is None else partial(fn, counting=counting), *args)
+        with self._jobs_lock:
+            self.jobs += 1
+        queued.add_done_callback(self._job_done)
         job = asyncio.wrap_future(queued)  # cancelling it cancels `queued` if it has not started
         try:
             return await asyncio.wait_for(job if counting is None else asyncio.shield(job), timeout)
@@ -95,6 +108,11 @@ class BlockCompute:
             if counting is not None and counting.abandon():
                 self._unqueue(queued, counting)
             raise
+
+    def _job_done(self, queued) -> None:
+        """A job finished or was taken off the queue (called on the compute thread or the loop's)."""
+        with self._jobs_lock:
+            self.jobs -= 1
 
     def _unqueue(self, queued, counting: Optional[Counting]) -> None:
         """Takes a job whose request gave up off the compute thread's queue, if it has not started."""

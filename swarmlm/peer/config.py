@@ -110,6 +110,9 @@ class PeerConfig:
         "open sessions and push streams from everyone (more are refused as busy)"))
     update_period: float = field(default=30.0, metadata=setting(
         "seconds between DHT announcements (records expire after 2x); at most 300"))
+    max_queued_jobs: int = field(default=64, metadata=setting(
+        "jobs (forward, backward, inference steps) that may wait for or run on the compute thread at once; more are "
+        "refused as busy (each holds its request's tensors)"))
     open_timeout: float = field(default=10.0, metadata=setting(
         "seconds a new inference session may take to send its request; a connection that sends nothing is closed"))
     max_cache_tokens_per_source: Optional[int] = field(default=None, metadata=setting(

@@ -69,7 +69,7 @@ class SpanHandler:
         self.metrics = metrics if metrics is not None else PeerMetrics()  # default: private, never exported
         self.trainer = trainer  # set: backward also accumulates the span's parameter gradients (training peer)
         self.parser = RequestParser(model, limits, dtype, device)
-        self.blocks = BlockCompute(device, limits.request_timeout, self.metrics, trainer)
+        self.blocks = BlockCompute(device, limits.request_timeout, self.metrics, trainer, limits.max_queued_jobs)
         self.compute = self.blocks.executor  # the compute thread (a training peer's optimizer steps run there too)
         self.sessions = Sessions(self)
         self.pushes = Pushes(self.metrics, limits.max_message_bytes(prompts=False))

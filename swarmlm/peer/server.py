@@ -151,7 +151,7 @@ class Peer:
             max_session_length=min(c.max_session_length or max_positions, max_positions),
             request_timeout=c.request_timeout,
             session_timeout=c.session_timeout,
-            open_timeout=c.open_timeout,
+            open_timeout=c.open_timeout, max_queued_jobs=c.max_queued_jobs,
         )
         per_source = c.max_cache_tokens_per_source or c.max_cache_tokens // 2
         self.budget = CacheBudget(c.max_cache_tokens, on_change=self._wake.set, per_source=per_source)

@@ -35,6 +35,7 @@ class Limits:
     request_timeout: float
     session_timeout: float
     open_timeout: float = 10.0  # seconds a new inference channel may take to send its session request
+    max_queued_jobs: int = 64  # jobs waiting for or running on the compute thread at most (more: busy)
 
     def max_message_bytes(self, prompts: bool = True) -> int:
         """The largest inference message read: float32 hidden states of max_request_tokens tokens, as much
