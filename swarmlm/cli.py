@@ -204,6 +204,7 @@ def cmd_train(args, s: Settings) -> int:
     from swarmlm.training.data import prepare_data
     from swarmlm.utils.lifetime import children_die_with_this_process
     from swarmlm.training.model import build_model
+    from swarmlm.training.checkpoint import check_replaceable
     from swarmlm.training.pretrain import Trainer
     from swarmlm.training.progress import epoch_line
 
@@ -214,6 +215,8 @@ def cmd_train(args, s: Settings) -> int:
     if s["num_threads"]:
         torch.set_num_threads(s["num_threads"])
     config = train_config(s)
+    if config.save_dir:  # now, not after the training: a save there would be refused
+        check_replaceable(config.save_dir, remedy="give --save another directory (or an empty one)")
     starting = build_model(config.model, config.seed, config.num_layers)
     data = prepare_data(config.data, starting.tokenizer)
     logging.getLogger("swarmlm").info(f"Data: {data.stats}")

@@ -147,10 +147,13 @@ def test_session_beyond_peer_limits_is_refused(client):
 
 
 def test_session_over_free_cache_says_busy(client):
-    with pytest.raises(RemotePeerError, match="not enough KV cache") as info:  # 9 x 2048 > 16384 tokens
+    with pytest.raises(RemotePeerError, match="not enough KV cache: ") as info:  # 9 x 2048 > 16384 tokens
         _open_session(client, batch=9)
     assert info.value.code == "busy"
-    assert _open_session(client, batch=8).shape == (8, 1, HIDDEN)  # 8 x 2048 = 16384 fits exactly
+    with pytest.raises(RemotePeerError, match="not enough KV cache for one source") as info:  # 8 x 2048 fits the
+        _open_session(client, batch=8)  # budget, not the half of it one source may hold
+    assert info.value.code == "busy"
+    assert _open_session(client, batch=4).shape == (4, 1, HIDDEN)  # 4 x 2048 = 8192 fits the source's share
     _valid(client)
 
 

@@ -253,6 +253,16 @@ def test_export_into_a_directory_of_a_users_files_is_refused_before_anything_is_
     assert (tmp_path / "notes" / "IMPORTANT.txt").read_text() == "keep me"
 
 
+def test_train_into_a_directory_of_a_users_files_is_refused_before_training(tmp_path, caplog):
+    from swarmlm.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "IMPORTANT.txt").write_text("keep me")
+    assert main(["train", "--new-swarm", "--run-id", "notes", "--save", str(tmp_path), "--log-level", "warning"]) == 2
+    assert "holds no swarmlm checkpoint: give --save another directory" in caplog.text
+    assert (tmp_path / "notes" / "IMPORTANT.txt").read_text() == "keep me"
+
+
 def test_without_rename_exchange_a_crash_between_renames_is_recovered(tmp_path, starting_model, monkeypatch):
     from swarmlm.training import checkpoint
 

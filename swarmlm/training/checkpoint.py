@@ -62,15 +62,15 @@ def save_checkpoint(directory: str | os.PathLike, model, tokenizer, training_sta
     return directory
 
 
-def check_replaceable(directory: str | os.PathLike, overwrite: bool = False) -> None:
+def check_replaceable(directory: str | os.PathLike, overwrite: bool = False,
+                      remedy: str = "save to another directory, or overwrite it (--overwrite)") -> None:
     """CheckpointError now (before long work) if a save to `directory` would surely refuse: it is a non-empty
     directory that holds no checkpoint a save wrote (no training_state.json), or not a directory at all."""
     directory = Path(directory)
     if overwrite or not directory.exists():
         return
     if not directory.is_dir() or (any(directory.iterdir()) and not (directory / TRAINING_STATE_FILE).is_file()):
-        raise CheckpointError(f"{directory} is not empty and holds no swarmlm checkpoint: save to another "
-                              f"directory, or overwrite it (--overwrite)")
+        raise CheckpointError(f"{directory} is not empty and holds no swarmlm checkpoint: {remedy}")
 
 
 def _foreign_entries(directory: Path, new: Path) -> list[str]:
