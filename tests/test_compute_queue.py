@@ -43,3 +43,48 @@ def test_a_full_compute_queue_refuses_jobs_and_given_up_jobs_free_their_places()
         compute.shutdown()
     text = generate_latest(metrics.registry).decode()
     assert "swarmlm_refused_jobs_total 1.0" in text and "swarmlm_compute_jobs 0.0" in text
+
+
+def test_state_downloads_are_limited_while_they_hold_copies_of_the_blocks(tiny_model_path):
+    """MAX_STATE_STREAMS block downloads run at once (each holds a copy of its blocks until read); one more is
+    answered busy; once one ends, a new one is served."""
+    from hivemind.p2p import P2PContext
+    from hivemind.proto import runtime_pb2
+    from transformers import AutoConfig
+
+    from swarmlm.errors import RemotePeerError
+    from swarmlm.experts.families import family_for_config
+    from swarmlm.experts.protocol import SpanRequest, check_response, pack
+    from swarmlm.experts.span import BlockSpan
+    from swarmlm.peer.cache_budget import CacheBudget
+    from swarmlm.peer.handler import MAX_STATE_STREAMS, SpanHandler
+    from swarmlm.peer.validation import Limits
+
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    span = BlockSpan(family_for_config(config), config, 0, 2)
+    limits = Limits(hidden_size=config.hidden_size, max_batch_size=8, max_request_tokens=4096, max_session_length=512,
+                    request_timeout=30.0, session_timeout=60.0)
+    handler = SpanHandler(span, "unit-model", limits, CacheBudget(4096), torch.float32, torch.device("cpu"))
+    context = P2PContext(handle_name="rpc_state", local_id="peer", remote_id="caller")
+
+    def download():
+        async def requests():
+            yield runtime_pb2.ExpertRequest(metadata=pack(SpanRequest(model="unit-model", start=0, end=2)))
+        return handler.rpc_state(requests(), context)
+
+    async def run():
+        held = [download() for _ in range(MAX_STATE_STREAMS)]
+        for stream in held:
+            check_response("peer", await stream.__anext__())  # its first chunk: it holds its snapshot
+        with pytest.raises(RemotePeerError, match="state downloads run here already") as busy:
+            check_response("peer", await download().__anext__())
+        assert busy.value.code == "busy"
+        await held[0].aclose()  # one caller leaves
+        check_response("peer", await download().__anext__())
+        for stream in held[1:]:
+            await stream.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        handler.shutdown()

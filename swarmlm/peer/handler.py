@@ -50,6 +50,7 @@ from swarmlm.transport.p2p import caller_of
 
 logger = logging.getLogger(__name__)
 
+MAX_STATE_STREAMS = 2  # state answers (block downloads: export, a joining replica) running at once
 CALLER_TIMEOUT_SHARE = 0.9  # a forward/backward call gives up after this share of its caller's timeout (the rest
 # is for the answer's way back), so that a training peer never counts a micro-batch whose caller retried elsewhere
 
@@ -76,6 +77,7 @@ class SpanHandler:
         self.server: Optional[Server] = None
         self.accepting_sessions = True  # False once the peer shuts down: new sessions and calls are refused
         self.active_calls = 0  # forward/backward/state calls being answered
+        self.state_streams = 0  # state answers running (see _answer_state)
 
     @property
     def active_sessions(self) -> int:
@@ -183,8 +185,9 @@ class SpanHandler:
                 request = await first_request(requests, self.limits.request_timeout)
                 span, meta = self.span, unpack(request.metadata, SpanRequest)
                 first, last = self.parser.check_span(meta, span)
-                async for response in answer(request, meta, span, first, last):
-                    yield response
+                async with aclosing(answer(request, meta, span, first, last)) as answers:  # closed at once
+                    async for response in answers:  # when the caller leaves (frees what the answer holds)
+                        yield response
             except Exception as e:
                 yield self.error(e, kind, caller_of(context))
             await drain(requests)
@@ -225,13 +228,21 @@ class SpanHandler:
             yield response
 
     async def _answer_state(self, request, meta: SpanRequest, span: BlockSpan, first: int, last: int):
+        """At most MAX_STATE_STREAMS answers run at once: each holds a copy of its blocks until its caller read it."""
         if request.tensors or meta.prompt_tokens or meta.max_length is not None or meta.batch_size is not None:
             raise RequestError("a state request names only the model and blocks (no tensors, prompts or session)")
-        epoch, named = await self.blocks.run(self.blocks.snapshot, span, first, last)
-        for name, tensor in named:
-            header = pack(StateTensor(name=name, training_epoch=epoch))
-            for i, chunk in enumerate(split_for_streaming(serialize(tensor), STATE_CHUNK_BYTES)):
-                yield runtime_pb2.ExpertResponse(tensors=[chunk], metadata=header if i == 0 else b"")
+        if self.state_streams >= MAX_STATE_STREAMS:
+            raise LimitError(f"{MAX_STATE_STREAMS} state downloads run here already (each holds a copy of its "
+                             f"blocks); retry later or use another peer")
+        self.state_streams += 1
+        try:
+            epoch, named = await self.blocks.run(self.blocks.snapshot, span, first, last)
+            for name, tensor in named:
+                header = pack(StateTensor(name=name, training_epoch=epoch))
+                for i, chunk in enumerate(split_for_streaming(serialize(tensor), STATE_CHUNK_BYTES)):
+                    yield runtime_pb2.ExpertResponse(tensors=[chunk], metadata=header if i == 0 else b"")
+        finally:
+            self.state_streams -= 1
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
         info = PeerInfo(start=self.span.start, end=self.span.end, free_cache_tokens=max(self.budget.free_tokens, 0),
