@@ -78,7 +78,7 @@ def mover(peer_id: str, start: int, end: int, load) -> Peer:
     loading a span's weights."""
     peer = Peer(PeerConfig(model="m", num_blocks=end - start, new_swarm=True, update_period=30.0))
     span = SimpleNamespace(start=start, end=end)
-    peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: peer_id))
+    peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: peer_id), is_alive=lambda: True)
     peer.identity = SimpleNamespace(signer=None)  # what start_dht sets; the fake registry needs no signatures
     peer.model_name, peer.model_record = "m", ModelRecord(num_blocks=NUM_BLOCKS, family="llama")
     peer.span, peer.throughput, peer.budget = span, 10.0, CacheBudget(100)
