@@ -40,7 +40,20 @@ class LoopThread:
     def run(self, coro: Awaitable, timeout: Optional[float] = None) -> Any:
         return self.submit(coro).result(timeout)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """Cancels the tasks still on the loop (e.g. a p2p client's readers) and waits for them, at most `grace` s,
+        so none is destroyed pending; then stops the loop and its thread."""
         if self.loop.is_running():
+            try:
+                self.run(_cancel_other_tasks(), timeout=grace)
+            except Exception:
+                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
