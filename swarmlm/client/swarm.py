@@ -52,9 +52,9 @@ class RemoteSequential:
         self.bans = PeerBans(config.ban_duration, config.max_ban_duration, on_ban=self.metrics.banned)
         self.metrics_server = (serve_metrics(self.metrics.registry, config.metrics_host, config.metrics_port)
                                if config.metrics_port is not None else None)
-        self.auditor = Auditor(self)
+        self.auditor = Auditor(self)  # verifies peers' answers; model.py gives it the local checkpoint
         self._audit_coin = random.Random()  # draws which forward passes are audited
-        self.training_peers: set[str] = set()  # peers whose last info answer said they train their blocks  # verifies inference sessions' outputs; model.py gives it the local checkpoint
+        self.training_peers: set[str] = set()  # peers whose last info answer said they train their blocks
 
     def span_request(self, hop: RouteHop, **kwargs) -> SpanRequest:
         return SpanRequest(model=self.model, start=hop.start, end=hop.end, **kwargs)
